@@ -1,0 +1,214 @@
+"""Exact attention capture through transformers' attention-backend registry.
+
+vlmkit registers one attention function, ``"vlmkit"``, and applies it to the language model only. With no hook on a
+module it *is* SDPA. While a capture is active, the layer output still comes from SDPA (so answers do not change) and
+exact softmax probabilities are recomputed only for the requested query rows onto the image-token columns:
+memory is ``O(layers x heads x rows x image_tokens)``, never ``O(N^2)`` per layer.
+
+The hook lives on each attention module as ``module._vlmkit_hook`` only inside :meth:`Recorder.attach`, a context
+manager that always removes it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vlmkit.attention.maps import AttentionMaps
+from vlmkit.models._layout import Layout
+
+BACKEND = "vlmkit"
+ROW_MODES = ("last", "prompt_text", "generated")
+
+
+def _sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def vlmkit_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     is_causal: bool | None = None, **kwargs):
+    """The registered backend: SDPA output, plus the module's capture hook if one is attached.
+
+    Shapes: ``query [B, H, Lq, D]``, ``key/value [B, H_kv, Lk, D]``; returns ``([B, Lq, H, D], None)``.
+    """
+    out, _ = _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                   is_causal=is_causal, **kwargs)
+    hook = getattr(module, "_vlmkit_hook", None)
+    if hook is not None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        hook(module, query, key, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5, causal)
+    return out, None
+
+
+def register_backend() -> str:
+    """Register the ``"vlmkit"`` attention function and its mask builder with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(BACKEND, vlmkit_attention)
+    AttentionMaskInterface.register(BACKEND, sdpa_mask)
+    return BACKEND
+
+
+def row_probabilities(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                      rows: torch.Tensor, cols: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Exact softmax probabilities of chosen query rows onto chosen key columns, for one sample.
+
+    Args:
+        query: ``[H, Lq, D]``; key: ``[H_kv, Lk, D]`` (GQA keys are repeated here).
+        mask: ``[H or 1, Lq, Lk]`` bool (True = attend) or additive float, or None.
+        rows: int64 ``[R]`` indices into ``Lq``; cols: int64 ``[C]`` indices into ``Lk``.
+        causal: apply SDPA's upper-left causal rule when ``mask`` is None and ``Lq > 1``.
+    Returns:
+        float32 ``[H, R, C]``.
+    """
+    heads, lq = query.shape[0], query.shape[1]
+    rep = heads // key.shape[0]
+    k = key.float()
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=0)
+    scores = torch.matmul(query[:, rows].float(), k.transpose(-1, -2)) * scaling  # [H, R, Lk]
+    if mask is not None:
+        m = mask[:, rows]
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m, float("-inf"))
+        else:
+            scores = scores + m.float()
+    elif causal and lq > 1:
+        keep = torch.arange(k.shape[1], device=scores.device)[None, :] <= rows[:, None]
+        scores = scores.masked_fill(~keep[None], float("-inf"))
+    return torch.softmax(scores, dim=-1)[..., cols]
+
+
+@dataclass
+class _Row:
+    """Capture plan for one batch row (positions are in padded coordinates)."""
+
+    pad: int
+    rows: torch.Tensor  # int64 [R] prompt rows to capture in the prefill
+    cols: torch.Tensor  # int64 [C] image-token columns
+    decode: bool
+
+
+class Recorder:
+    """One capture request: which layers and rows, and the :class:`AttentionMaps` recorded so far.
+
+    Use through :meth:`vlmkit.VLM.capture`. ``rows``: ``"last"`` (last prompt row + each decode step), ``"prompt_text"``
+    (every text row of the prompt), ``"generated"`` (decode steps only) or explicit prompt positions.
+    """
+
+    def __init__(self, num_layers: int, layers=None, rows="last") -> None:
+        if isinstance(rows, str) and rows not in ROW_MODES:
+            raise ValueError(f"rows={rows!r}: use one of {ROW_MODES} or a list of prompt positions")
+        if layers is None:
+            self.layers = list(range(num_layers))
+        else:
+            layers = [layers] if isinstance(layers, int) else list(layers)
+            bad = [l for l in layers if not -num_layers <= l < num_layers]
+            if bad:
+                raise ValueError(f"layers {bad} out of range for a {num_layers}-layer language model")
+            self.layers = sorted({l % num_layers for l in layers})
+        self.rows = rows if isinstance(rows, str) else [int(r) for r in rows]
+        self.samples: list[AttentionMaps] = []
+        self._plan: list[_Row] = []
+        self._prefill: dict[int, list[torch.Tensor]] = {}
+        self._decode: dict[int, list[torch.Tensor]] = {}
+        self._calls: dict[int, int] = {}
+        self._meta: list[tuple[Layout, list[str], np.ndarray]] = []
+
+    # ------------------------------------------------------------------ results
+    @property
+    def maps(self) -> AttentionMaps:
+        """The maps of the single recorded sample (use :attr:`samples` after batched or repeated calls)."""
+        if len(self.samples) != 1:
+            raise ValueError(f"{len(self.samples)} samples were recorded; use rec.samples[i]")
+        return self.samples[0]
+
+    # ------------------------------------------------------------------ planning
+    def begin(self, input_ids: torch.Tensor, layouts: list[Layout], pads: list[int],
+              tokens: list[list[str]]) -> None:
+        """Plan one batch: ``input_ids [B, N]`` left-padded, each sample's layout (unpadded positions) and pad."""
+        n = input_ids.shape[1]
+        self._plan, self._meta = [], []
+        self._prefill = {l: [] for l in self.layers}
+        self._decode = {l: [] for l in self.layers}
+        self._calls = {l: 0 for l in self.layers}
+        for b, (layout, pad) in enumerate(zip(layouts, pads)):
+            img = layout.positions
+            length = n - pad
+            if self.rows == "last":
+                rows = np.array([length - 1])
+            elif self.rows == "generated":
+                rows = np.zeros(0, dtype=np.int64)
+            elif self.rows == "prompt_text":
+                rows = np.setdiff1d(np.arange(length), img)
+            else:
+                rows = np.asarray(self.rows, dtype=np.int64)
+                rows = np.where(rows < 0, rows + length, rows)
+                if rows.size and (rows.min() < 0 or rows.max() >= length):
+                    raise ValueError(f"rows {self.rows} out of range for a prompt of {length} tokens")
+            self._plan.append(_Row(pad, torch.as_tensor(rows + pad), torch.as_tensor(img + pad),
+                                   self.rows in ("last", "generated")))
+            self._meta.append((layout, tokens[b], rows))
+
+    def hook(self, module, query, key, mask, scaling, causal) -> None:
+        layer = module.layer_idx
+        if layer not in self._calls:
+            return
+        step = self._calls[layer]
+        self._calls[layer] += 1
+        if step == 0:
+            out = []
+            for b, plan in enumerate(self._plan):
+                m = mask[b] if mask is not None else None
+                q_rows = plan.rows.to(query.device)
+                out.append(row_probabilities(query[b], key[b], m, scaling, q_rows, plan.cols.to(key.device),
+                                             causal).cpu())
+            self._prefill[layer].append(out)
+        else:
+            out = []
+            for b, plan in enumerate(self._plan):
+                if not plan.decode:
+                    out.append(None)
+                    continue
+                m = mask[b] if mask is not None else None
+                r = torch.tensor([query.shape[2] - 1], device=query.device)
+                out.append(row_probabilities(query[b], key[b], m, scaling, r, plan.cols.to(key.device),
+                                             False)[:, 0].cpu())
+            self._decode[layer].append(out)
+
+    def finish(self, generated: list[list[str]]) -> list[AttentionMaps]:
+        """Assemble one :class:`AttentionMaps` per sample; ``generated[b]`` are the sample's answer tokens."""
+        new = []
+        for b, (layout, tokens, rows) in enumerate(self._meta):
+            prefill = torch.stack([self._prefill[l][0][b] for l in self.layers])  # [L, H, R, C]
+            steps = max(len(generated[b]) - 1, 0) if self._plan[b].decode else 0
+            steps = min([steps] + [len(self._decode[l]) for l in self.layers])
+            if steps:
+                decode = torch.stack([torch.stack([self._decode[l][s][b] for l in self.layers])
+                                      for s in range(steps)])  # [S, L, H, C]
+            else:
+                decode = prefill.new_zeros(0, *prefill.shape[:2], prefill.shape[-1])
+            new.append(AttentionMaps(prefill=prefill, decode=decode, layers=list(self.layers),
+                                     rows=[int(r) for r in rows], layout=layout, tokens=list(tokens),
+                                     generated=list(generated[b])))
+        self.samples.extend(new)
+        self._plan, self._meta, self._prefill, self._decode = [], [], {}, {}
+        return new
+
+    @contextmanager
+    def attach(self, modules: list[torch.nn.Module]):
+        """Put this recorder's hook on ``modules`` for the duration of the block; always removes it."""
+        try:
+            for m in modules:
+                m._vlmkit_hook = self.hook
+            yield self
+        finally:
+            for m in modules:
+                if getattr(m, "_vlmkit_hook", None) is not None:
+                    del m._vlmkit_hook

@@ -1,0 +1,259 @@
+"""The :class:`VLM` wrapper: load a transformers VLM, ask it questions, capture its attention."""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmkit.errors import InputError, ModelLoadError
+from vlmkit.models._adapter import FamilyAdapter, adapter_class, supported_model_types
+
+
+@dataclass
+class Generation:
+    """Generation settings. Always explicit: nothing is taken from a checkpoint's ``generation_config`` except the
+    stop tokens (``eos_token_id``), which are part of the model's vocabulary contract."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+
+    def replace(self, **kw) -> "Generation":
+        unknown = set(kw) - set(self.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown generation settings {sorted(unknown)}; known: {sorted(self.__dataclass_fields__)}")
+        return Generation(**{**self.__dict__, **kw})
+
+
+@dataclass
+class Answer:
+    """Result of :meth:`VLM.generate` for one sample."""
+
+    text: str
+    token_ids: list[int]
+    tokens: list[str]
+    prompt: str
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[str(dtype)]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r}: use float32, float16 or bfloat16") from None
+
+
+class VLM:
+    """A transformers VLM with its processor and family adapter.
+
+    Use :func:`vlmkit.load` to build one. ``ask`` answers one question; ``capture`` records exact attention maps.
+    Capture state lives on this object and a lock serialises calls, so two threads never mix their captures.
+    """
+
+    def __init__(self, model, processor, *, name: str | None = None, generation: Generation | None = None) -> None:
+        from transformers import GenerationConfig
+
+        from vlmkit.attention.capture import register_backend
+
+        model_type = model.config.model_type
+        cls = adapter_class(model_type)
+        if cls is None:
+            raise ModelLoadError(f"unsupported architecture {model_type!r}; vlmkit supports "
+                                 f"{', '.join(supported_model_types())}")
+        self.model = model.eval()
+        self.processor = processor
+        self.adapter: FamilyAdapter = cls(model, processor)
+        self.name = name or getattr(model.config, "_name_or_path", "") or model_type
+        self.generation = generation or Generation()
+        self._lock = threading.RLock()
+        self._recorder = None
+        tok = processor.tokenizer
+        eos = self._stop_ids(model, tok)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
+        self._token_ids = {"eos_token_id": eos, "pad_token_id": pad, "bos_token_id": tok.bos_token_id}
+        # Replace whatever the checkpoint shipped: settings come from self.generation only.
+        self.model.generation_config = GenerationConfig(**self._token_ids)
+        register_backend()
+        self.model.set_attn_implementation({"text_config": "vlmkit"})
+
+    @staticmethod
+    def _stop_ids(model, tok) -> list[int]:
+        ids = []
+        shipped = getattr(model, "generation_config", None)
+        for src in (tok.eos_token_id, getattr(shipped, "eos_token_id", None)):
+            for i in ([src] if isinstance(src, int) else (src or [])):
+                if i not in ids:
+                    ids.append(int(i))
+        return ids
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def family(self) -> str:
+        return self.model.config.model_type
+
+    # ------------------------------------------------------------------ prompting
+    def prompt(self, question: str | None = None, *, messages: list[dict] | None = None) -> str:
+        """The exact prompt text ``ask`` sends (image placeholder unexpanded)."""
+        return self.adapter.prompt(question, messages=messages)
+
+    def encode(self, images: list, prompts: list[str]):
+        """Processor outputs for one image per prompt (left padding), the layouts and each row's padding."""
+        from vlmkit.io import load_image
+
+        pil = [load_image(im) for im in images]
+        try:
+            inputs = self.adapter.encode(pil, prompts)
+        except ValueError as e:  # processors reject e.g. aspect ratios > 200 or images too small to patch
+            names = ", ".join(f"{im.width}x{im.height}" for im in pil)
+            raise InputError(f"image ({names}) cannot be processed by {self.family}: {e}") from e
+        layouts, pads = self.adapter.layouts(inputs, [[im.size] for im in pil])
+        return inputs.to(self.device), layouts, pads, pil
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, images: list, questions: list[str] | None = None, *, messages: list[list[dict]] | None = None,
+                 **gen) -> list[Answer]:
+        """Answer a batch (one image per question), greedy unless asked. Returns one :class:`Answer` per sample."""
+        if messages is not None:
+            prompts = [self.prompt(messages=m) for m in messages]
+        else:
+            if questions is None or len(questions) != len(images):
+                raise ValueError("generate() needs one question per image")
+            prompts = [self.prompt(q) for q in questions]
+        settings = self.generation.replace(**gen)
+        with self._lock:
+            inputs, layouts, pads, _ = self.encode(images, prompts)
+            tok = self.processor.tokenizer
+            rec = self._recorder
+            if rec is not None:
+                ids = inputs["input_ids"].cpu()
+                rec.begin(ids, layouts, pads, [tok.convert_ids_to_tokens(ids[b, p:].tolist())
+                                               for b, p in enumerate(pads)])
+            self.adapter.reset_state()
+            with torch.inference_mode():
+                out = self.model.generate(**inputs, **self._generate_kwargs(settings))
+            self.adapter.reset_state()
+            n = inputs["input_ids"].shape[1]
+            answers = []
+            stops = set(self._token_ids["eos_token_id"])
+            for b in range(out.shape[0]):
+                new = out[b, n:].tolist()
+                for i, t in enumerate(new):
+                    if t in stops:
+                        new = new[:i + 1]
+                        break
+                text = tok.decode(new, skip_special_tokens=True).strip()
+                answers.append(Answer(text, new, tok.convert_ids_to_tokens(new), prompts[b],
+                                      inputs["input_ids"][b, pads[b]:].tolist()))
+            if rec is not None:
+                rec.finish([a.tokens for a in answers])
+            return answers
+
+    def _generate_kwargs(self, s: Generation) -> dict:
+        from transformers import GenerationConfig
+
+        cfg = dict(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample, num_beams=s.num_beams,
+                   repetition_penalty=s.repetition_penalty, **self._token_ids)
+        if s.do_sample:
+            cfg.update(temperature=s.temperature, top_p=s.top_p)
+        return {"generation_config": GenerationConfig(**cfg)}
+
+    def ask(self, image, question: str | None = None, *, messages: list[dict] | None = None, **gen) -> str:
+        """Answer one question about one image (path, PIL image or array). Greedy unless ``do_sample=True``."""
+        msgs = [messages] if messages is not None else None
+        return self.generate([image], None if msgs else [question], messages=msgs, **gen)[0].text
+
+    def ask_batch(self, images: list, questions: list[str], **gen) -> list[str]:
+        """Answer a batch; left padding makes every answer the same as asking alone."""
+        return [a.text for a in self.generate(images, questions, **gen)]
+
+    # ------------------------------------------------------------------ attention
+    @contextmanager
+    def capture(self, layers=None, rows="last"):
+        """Record exact text-to-image attention of the calls made inside the block.
+
+        ``with vlm.capture(layers=None, rows="last") as rec: vlm.ask(...)``; then ``rec.maps`` (one sample) or
+        ``rec.samples``. Holds this VLM's lock for the whole block; the model is restored on exit.
+        """
+        from vlmkit.attention.capture import Recorder
+
+        with self._lock:
+            if self._recorder is not None:
+                raise RuntimeError("a capture is already active on this VLM")
+            rec = Recorder(self.adapter.num_layers, layers=layers, rows=rows)
+            self._recorder = rec
+            try:
+                with rec.attach(self.adapter.attention_modules()):
+                    yield rec
+            finally:
+                self._recorder = None
+
+
+def default_model_path() -> Path:
+    """Directory of the embedded default model shipped inside the package."""
+    return Path(__file__).resolve().parent.parent / "default" / "checkpoints" / "scenes-llava"
+
+
+def _resolve(path) -> str:
+    if path is None:
+        p = default_model_path()
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"the embedded default model is missing from this install ({p}); "
+                                 "run `vlmkit train-default` or pass a checkpoint with --model PATH")
+        return str(p)
+    p = Path(os.path.expanduser(str(path)))
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a model directory (no config.json); pass the folder that "
+                                 "save_pretrained wrote")
+        return str(p)
+    if str(path).count("/") != 1 or str(path).startswith((".", "/", "~")):
+        raise ModelLoadError(f"{path}: no such directory; pass a local checkpoint directory or a hub id already "
+                             "in the local Hugging Face cache")
+    return str(path)
+
+
+def load(path=None, *, device: str = "cpu", dtype=None, trust_remote_code: bool = False,
+         generation: Generation | None = None) -> VLM:
+    """Load a VLM and its processor from a local directory or the local HF cache (``None``: the embedded default).
+
+    Only safetensors weights are read, ``trust_remote_code`` is off unless asked, and nothing is downloaded.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    src = _resolve(path)
+    kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(src, **kw)
+    except (OSError, ValueError) as e:
+        if Path(src).exists():
+            raise ModelLoadError(f"{src}: cannot read the model config ({str(e).splitlines()[0]})") from e
+        raise ModelLoadError(f"{src}: not a local directory and not in the local Hugging Face cache "
+                             f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); download it where the "
+                             f"hub is reachable (`hf download {src}`) or pass a local directory") from e
+    if adapter_class(config.model_type) is None:
+        raise ModelLoadError(f"{src}: unsupported architecture {config.model_type!r}; vlmkit supports "
+                             f"{', '.join(supported_model_types())}")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(src, dtype=_dtype(dtype) or torch.float32,
+                                                            attn_implementation="sdpa", use_safetensors=True, **kw)
+        processor = AutoProcessor.from_pretrained(src, **kw)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{src}: failed to load ({str(e).splitlines()[0]}); vlmkit reads safetensors "
+                             "checkpoints only") from e
+    model.to(device)
+    return VLM(model, processor, name=str(path) if path is not None else "vlmkit-default", generation=generation)
