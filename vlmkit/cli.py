@@ -1,0 +1,94 @@
+"""The ``vlmkit`` command line. Each feature module adds its own sub-commands through ``add_parsers``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vlmkit.errors import VlmkitError
+
+#: modules that contribute sub-commands; each exposes ``add_parsers(subparsers)``.
+COMMAND_MODULES = ("vlmkit.eval.cli", "vlmkit.default.cli")
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """``"8-12"`` -> [8..12], ``"3,5,-1"`` -> [3, 5, -1], None/"all" -> None."""
+    if spec is None or spec == "all":
+        return None
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-") if not part.startswith("-") else ("", "", "")
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(part)])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--layers {spec!r}: use e.g. 8-12, 3,5,7 or -1") from None
+    return out
+
+
+def _ask(args) -> int:
+    import vlmkit
+
+    vlm = vlmkit.load(args.model, device=args.device, dtype=args.dtype)
+    layers = parse_layers(args.layers)
+    if args.heatmap or args.maps:
+        with vlm.capture(layers=layers, rows="last") as rec:
+            answer = vlm.ask(args.image, args.question, max_new_tokens=args.max_new_tokens)
+        maps = rec.maps
+        if args.heatmap:
+            maps.save_png(args.heatmap, image=args.image, source="prefill")
+        if args.maps:
+            maps.save(args.maps)
+    else:
+        answer = vlm.ask(args.image, args.question, max_new_tokens=args.max_new_tokens)
+    print(answer)
+    if args.heatmap:
+        print(f"heat map: {args.heatmap}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmkit", description="Open up vision-language models through their attention.")
+    p.add_argument("--version", action="version", version=f"vlmkit {__import__('vlmkit').__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    a = sub.add_parser("ask", help="answer a question about an image, optionally writing an attention heat map")
+    a.add_argument("image")
+    a.add_argument("question")
+    a.add_argument("--model", default=None, help="checkpoint directory or cached hub id (default: the embedded model)")
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
+    a.add_argument("--heatmap", metavar="PNG", help="write the answer token's attention over the image here")
+    a.add_argument("--maps", metavar="FILE", help="save the captured AttentionMaps (safetensors)")
+    a.add_argument("--layers", default=None, help="layers for capture and heat map, e.g. 8-12 (default: all)")
+    a.add_argument("--max-new-tokens", type=int, default=32)
+    a.set_defaults(func=_ask)
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        mod.add_parsers(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except VlmkitError as e:
+        print(f"vlmkit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vlmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
