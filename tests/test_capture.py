@@ -104,14 +104,14 @@ def test_capture_restores_model_and_selects_layers(vlm):
     last = vlm.adapter.num_layers - 1
     with pytest.raises(RuntimeError, match="boom"):
         with vlm.capture(layers=[-1], rows="generated") as rec:
-            assert all(hasattr(m, "_vlmkit_hook") for m in modules)
+            assert all(hasattr(m, "_vlmkit") for m in modules)
             vlm.generate([_img(20, 20)], [Q1], max_new_tokens=3)
             raise RuntimeError("boom")
-    assert not any(hasattr(m, "_vlmkit_hook") for m in modules)
+    assert not any(hasattr(m, "_vlmkit") for m in modules)
     maps = rec.maps
     assert maps.layers == [last]
     assert maps.prefill.shape[2] == 0  # "generated": decode rows only
-    assert vlm._recorder is None
+    assert vlm._state.recorder is None and not vlm._state.active
     with pytest.raises(ValueError, match="out of range"):
         with vlm.capture(layers=[99]):
             pass

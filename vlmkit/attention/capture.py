@@ -1,17 +1,13 @@
-"""Exact attention capture through transformers' attention-backend registry.
+"""Exact attention capture: the :class:`Recorder` that the ``"vlmkit"`` attention backend feeds.
 
-vlmkit registers one attention function, ``"vlmkit"``, and applies it to the language model only. With no hook on a
-module it *is* SDPA. While a capture is active, the layer output still comes from SDPA (so answers do not change) and
-exact softmax probabilities are recomputed only for the requested query rows onto the image-token columns:
-memory is ``O(layers x heads x rows x image_tokens)``, never ``O(N^2)`` per layer.
-
-The hook lives on each attention module as ``module._vlmkit_hook`` only inside :meth:`Recorder.attach`, a context
-manager that always removes it.
+While a capture is active the layer output still comes from SDPA (answers do not change) and exact softmax
+probabilities are recomputed only for the requested query rows onto the image-token columns: memory is
+``O(layers x heads x rows x image_tokens)``, never ``O(N^2)`` per layer. When an intervention edits a layer, the
+recorded probabilities are the edited ones the model actually used.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,39 +16,7 @@ import torch
 from vlmkit.attention.maps import AttentionMaps
 from vlmkit.models._layout import Layout
 
-BACKEND = "vlmkit"
 ROW_MODES = ("last", "prompt_text", "generated")
-
-
-def _sdpa(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def vlmkit_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                     is_causal: bool | None = None, **kwargs):
-    """The registered backend: SDPA output, plus the module's capture hook if one is attached.
-
-    Shapes: ``query [B, H, Lq, D]``, ``key/value [B, H_kv, Lk, D]``; returns ``([B, Lq, H, D], None)``.
-    """
-    out, _ = _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                   is_causal=is_causal, **kwargs)
-    hook = getattr(module, "_vlmkit_hook", None)
-    if hook is not None:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        hook(module, query, key, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5, causal)
-    return out, None
-
-
-def register_backend() -> str:
-    """Register the ``"vlmkit"`` attention function and its mask builder with transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(BACKEND, vlmkit_attention)
-    AttentionMaskInterface.register(BACKEND, sdpa_mask)
-    return BACKEND
 
 
 def row_probabilities(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
@@ -118,7 +82,6 @@ class Recorder:
         self._plan: list[_Row] = []
         self._prefill: dict[int, list[torch.Tensor]] = {}
         self._decode: dict[int, list[torch.Tensor]] = {}
-        self._calls: dict[int, int] = {}
         self._meta: list[tuple[Layout, list[str], np.ndarray]] = []
 
     # ------------------------------------------------------------------ results
@@ -137,7 +100,6 @@ class Recorder:
         self._plan, self._meta = [], []
         self._prefill = {l: [] for l in self.layers}
         self._decode = {l: [] for l in self.layers}
-        self._calls = {l: 0 for l in self.layers}
         for b, (layout, pad) in enumerate(zip(layouts, pads)):
             img = layout.positions
             length = n - pad
@@ -156,31 +118,25 @@ class Recorder:
                                    self.rows in ("last", "generated")))
             self._meta.append((layout, tokens[b], rows))
 
-    def hook(self, module, query, key, mask, scaling, causal) -> None:
-        layer = module.layer_idx
-        if layer not in self._calls:
+    def record(self, layer: int, step: int, query, key, mask, scaling: float, causal: bool, probs_fn=None) -> None:
+        """Called by the backend for every attention call. ``probs_fn(b, rows) -> [H, R, Lk]`` gives edited
+        probabilities when an intervention is active on this layer."""
+        if layer not in self._prefill:
             return
-        step = self._calls[layer]
-        self._calls[layer] += 1
+
+        def probs(b, rows, cols, is_causal):
+            if probs_fn is not None:
+                return probs_fn(b, rows)[..., cols].float()
+            m = mask[b] if mask is not None else None
+            return row_probabilities(query[b], key[b], m, scaling, rows, cols, is_causal)
+
         if step == 0:
-            out = []
-            for b, plan in enumerate(self._plan):
-                m = mask[b] if mask is not None else None
-                q_rows = plan.rows.to(query.device)
-                out.append(row_probabilities(query[b], key[b], m, scaling, q_rows, plan.cols.to(key.device),
-                                             causal).cpu())
-            self._prefill[layer].append(out)
+            self._prefill[layer].append([probs(b, p.rows.to(query.device), p.cols.to(key.device), causal).cpu()
+                                         for b, p in enumerate(self._plan)])
         else:
-            out = []
-            for b, plan in enumerate(self._plan):
-                if not plan.decode:
-                    out.append(None)
-                    continue
-                m = mask[b] if mask is not None else None
-                r = torch.tensor([query.shape[2] - 1], device=query.device)
-                out.append(row_probabilities(query[b], key[b], m, scaling, r, plan.cols.to(key.device),
-                                             False)[:, 0].cpu())
-            self._decode[layer].append(out)
+            last = torch.tensor([query.shape[2] - 1], device=query.device)
+            self._decode[layer].append([probs(b, last, p.cols.to(key.device), False)[:, 0].cpu() if p.decode
+                                        else None for b, p in enumerate(self._plan)])
 
     def finish(self, generated: list[list[str]]) -> list[AttentionMaps]:
         """Assemble one :class:`AttentionMaps` per sample; ``generated[b]`` are the sample's answer tokens."""
@@ -200,15 +156,3 @@ class Recorder:
         self.samples.extend(new)
         self._plan, self._meta, self._prefill, self._decode = [], [], {}, {}
         return new
-
-    @contextmanager
-    def attach(self, modules: list[torch.nn.Module]):
-        """Put this recorder's hook on ``modules`` for the duration of the block; always removes it."""
-        try:
-            for m in modules:
-                m._vlmkit_hook = self.hook
-            yield self
-        finally:
-            for m in modules:
-                if getattr(m, "_vlmkit_hook", None) is not None:
-                    del m._vlmkit_hook

@@ -95,9 +95,13 @@ class FamilyAdapter:
             raise LayoutError(f"{type(self.model).__name__}: cannot find the language model")
         return lm
 
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        """The language model's decoder layers, in order."""
+        return list(self.language_model().layers)
+
     def attention_modules(self) -> list[torch.nn.Module]:
         """The language model's self-attention modules, in layer order."""
-        return [layer.self_attn for layer in self.language_model().layers]
+        return [layer.self_attn for layer in self.decoder_layers()]
 
     @property
     def num_layers(self) -> int:

@@ -65,7 +65,7 @@ class VLM:
     def __init__(self, model, processor, *, name: str | None = None, generation: Generation | None = None) -> None:
         from transformers import GenerationConfig
 
-        from vlmkit.attention.capture import register_backend
+        from vlmkit.attention.backend import AttentionState, register_backend
 
         model_type = model.config.model_type
         cls = adapter_class(model_type)
@@ -78,7 +78,7 @@ class VLM:
         self.name = name or getattr(model.config, "_name_or_path", "") or model_type
         self.generation = generation or Generation()
         self._lock = threading.RLock()
-        self._recorder = None
+        self._state = AttentionState()
         tok = processor.tokenizer
         eos = self._stop_ids(model, tok)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
@@ -138,30 +138,61 @@ class VLM:
         with self._lock:
             inputs, layouts, pads, _ = self.encode(images, prompts)
             tok = self.processor.tokenizer
-            rec = self._recorder
-            if rec is not None:
-                ids = inputs["input_ids"].cpu()
-                rec.begin(ids, layouts, pads, [tok.convert_ids_to_tokens(ids[b, p:].tolist())
-                                               for b, p in enumerate(pads)])
-            self.adapter.reset_state()
-            with torch.inference_mode():
-                out = self.model.generate(**inputs, **self._generate_kwargs(settings))
-            self.adapter.reset_state()
-            n = inputs["input_ids"].shape[1]
-            answers = []
-            stops = set(self._token_ids["eos_token_id"])
-            for b in range(out.shape[0]):
-                new = out[b, n:].tolist()
-                for i, t in enumerate(new):
-                    if t in stops:
-                        new = new[:i + 1]
-                        break
-                text = tok.decode(new, skip_special_tokens=True).strip()
-                answers.append(Answer(text, new, tok.convert_ids_to_tokens(new), prompts[b],
-                                      inputs["input_ids"][b, pads[b]:].tolist()))
-            if rec is not None:
-                rec.finish([a.tokens for a in answers])
+            ids = inputs["input_ids"]
+            with self._session(inputs, layouts, pads) as processors, torch.inference_mode():
+                out = self.model.generate(**inputs, **self._generate_kwargs(settings),
+                                          logits_processor=processors or None)
+                answers = []
+                stops = set(self._token_ids["eos_token_id"])
+                for b in range(out.shape[0]):
+                    new = out[b, ids.shape[1]:].tolist()
+                    for i, t in enumerate(new):
+                        if t in stops:
+                            new = new[:i + 1]
+                            break
+                    text = tok.decode(new, skip_special_tokens=True).strip()
+                    answers.append(Answer(text, new, tok.convert_ids_to_tokens(new), prompts[b],
+                                          ids[b, pads[b]:].tolist()))
+                if self._state.recorder is not None:
+                    self._state.recorder.finish([a.tokens for a in answers])
             return answers
+
+    def forward(self, images: list, questions: list[str]) -> torch.Tensor:
+        """Logits ``[B, N, vocab]`` of one forward pass over the prompts (left-padded), with any active capture
+        (prompt rows only) and interventions applied."""
+        prompts = [self.prompt(q) for q in questions]
+        with self._lock:
+            inputs, layouts, pads, _ = self.encode(images, prompts)
+            with self._session(inputs, layouts, pads), torch.inference_mode():
+                logits = self.model(**inputs).logits
+                if self._state.recorder is not None:
+                    self._state.recorder.finish([[] for _ in prompts])
+            return logits
+
+    @contextmanager
+    def _session(self, inputs, layouts, pads):
+        """Per-call context: the :class:`Batch` the backend sees, recorder planning, interventions' setup.
+        Yields the logits processors that interventions contribute."""
+        from vlmkit.attention.hooks import Batch
+
+        state = self._state
+        processors = []
+        ids = inputs["input_ids"]
+        if state.active:
+            state.batch = Batch(ids, pads, layouts)
+            if state.recorder is not None:
+                tok = self.processor.tokenizer
+                state.recorder.begin(ids.cpu(), layouts, pads, [tok.convert_ids_to_tokens(ids[b, p:].tolist())
+                                                                for b, p in enumerate(pads)])
+            for iv in state.interventions:
+                iv.setup(self, state.batch, inputs)
+                processors += iv.processors(self, state.batch, inputs)
+        self.adapter.reset_state()
+        try:
+            yield processors
+        finally:
+            self.adapter.reset_state()
+            state.batch = None
 
     def _generate_kwargs(self, s: Generation) -> dict:
         from transformers import GenerationConfig
@@ -192,15 +223,42 @@ class VLM:
         from vlmkit.attention.capture import Recorder
 
         with self._lock:
-            if self._recorder is not None:
+            if self._state.recorder is not None:
                 raise RuntimeError("a capture is already active on this VLM")
             rec = Recorder(self.adapter.num_layers, layers=layers, rows=rows)
-            self._recorder = rec
-            try:
-                with rec.attach(self.adapter.attention_modules()):
-                    yield rec
-            finally:
-                self._recorder = None
+            with self._activate(recorder=rec):
+                yield rec
+
+    @contextmanager
+    def intervene(self, *interventions):
+        """Apply interventions (objects or registered names) to the calls made inside the block; they compose.
+
+        ``with vlm.intervene(vlmkit.methods.PAINT(alpha=0.7)): vlm.ask(...)``. The model is restored on exit.
+        """
+        from vlmkit.attention.hooks import make_intervention
+
+        ivs = [make_intervention(iv) if isinstance(iv, str) else iv for iv in interventions]
+        with self._lock:
+            for iv in ivs:
+                iv.bind(self)
+            with self._activate(interventions=ivs):
+                yield ivs
+
+    @contextmanager
+    def _activate(self, recorder=None, interventions=()):
+        state = self._state
+        was_active = state.active
+        old_rec, old_ivs = state.recorder, list(state.interventions)
+        state.recorder = recorder if recorder is not None else old_rec
+        state.interventions = old_ivs + list(interventions)
+        residual_before = was_active and any(iv.needs_residual for iv in old_ivs)
+        residual_now = any(iv.needs_residual for iv in state.interventions)
+        try:
+            with state.attached([] if was_active else self.adapter.attention_modules(),
+                                self.adapter.decoder_layers() if residual_now and not residual_before else None):
+                yield
+        finally:
+            state.recorder, state.interventions = old_rec, old_ivs
 
 
 def default_model_path() -> Path:
