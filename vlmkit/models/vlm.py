@@ -170,6 +170,19 @@ class VLM:
             return logits
 
     @contextmanager
+    def session(self, images: list, questions: list[str] | None = None, *, prompts: list[str] | None = None):
+        """Encode a batch and hold this VLM for a custom forward: yields ``(inputs, layouts, pads)`` with any active
+        capture and interventions applied to calls of ``vlm.model(**inputs)`` made inside the block.
+
+        Gradients are allowed (this is how saliency methods run); the lock is held for the whole block.
+        """
+        prompts = prompts if prompts is not None else [self.prompt(q) for q in questions]
+        with self._lock:
+            inputs, layouts, pads, _ = self.encode(images, prompts)
+            with self._session(inputs, layouts, pads):
+                yield inputs, layouts, pads
+
+    @contextmanager
     def _session(self, inputs, layouts, pads):
         """Per-call context: the :class:`Batch` the backend sees, recorder planning, interventions' setup.
         Yields the logits processors that interventions contribute."""
