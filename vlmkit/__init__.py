@@ -23,5 +23,12 @@ def ask(image, question: str, *, vlm: VLM | None = None, **gen) -> str:
     return (vlm or load()).ask(image, question, **gen)
 
 
-__all__ = ["AttentionMaps", "Generation", "InputError", "LayoutError", "ModelLoadError", "VLM", "VlmkitError", "ask",
+def explain(image, question: str, *, vlm: VLM | None = None, **params):
+    """Attention vs saliency for the first answer token (see :mod:`vlmkit.methods.saliency`)."""
+    from vlmkit.methods.saliency import explain as _explain
+
+    return _explain(image, question, vlm=vlm, **params)
+
+
+__all__ = ["AttentionMaps", "Generation", "InputError", "LayoutError", "ModelLoadError", "VLM", "VlmkitError", "ask", "explain",
            "load"]

@@ -48,6 +48,25 @@ def _ask(args) -> int:
     return 0
 
 
+def _explain(args) -> int:
+    import json
+
+    import vlmkit
+    from vlmkit.methods.saliency import explain
+
+    vlm = vlmkit.load(args.model, device=args.device)
+    rep = explain(args.image, args.question, vlm=vlm, ig_steps=args.ig_steps)
+    out = rep.save(args.out, image=args.image)
+    best = max((k for k in rep.attention if k.startswith("layer") and "." not in k),
+               key=lambda k: rep.agreement[k]["occlusion"]["pearson"])
+    print(json.dumps({"answer": rep.answer, "target_token": rep.target, "seconds": round(rep.seconds, 2),
+                      "pearson_all_mean_vs": {s: round(v["pearson"], 3) for s, v in rep.agreement["all_mean"].items()},
+                      "best_layer_vs_occlusion": best, "deletion_auc": {k: round(v, 4) for k, v in
+                                                                        rep.auc["deletion"].items()},
+                      "out": str(out)}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmkit", description="Open up vision-language models through their attention.")
     p.add_argument("--version", action="version", version=f"vlmkit {__import__('vlmkit').__version__}")
@@ -63,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--layers", default=None, help="layers for capture and heat map, e.g. 8-12 (default: all)")
     a.add_argument("--max-new-tokens", type=int, default=32)
     a.set_defaults(func=_ask)
+    e = sub.add_parser("explain", help="attention vs saliency (input x gradient, integrated gradients, occlusion)")
+    e.add_argument("image")
+    e.add_argument("question")
+    e.add_argument("--model", default=None)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--out", required=True, help="directory for PNG panels and report.json")
+    e.add_argument("--ig-steps", type=int, default=16)
+    e.set_defaults(func=_explain)
     for name in COMMAND_MODULES:
         try:
             mod = importlib.import_module(name)
