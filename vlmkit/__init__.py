@@ -7,28 +7,46 @@ Public API::
     with vlm.capture(rows="last") as rec:
         vlm.ask(image, question)
     rec.maps.overlay(image)                  # heat map over the original image
+    vlmkit.explain(image, question)          # attention vs saliency
+
+Heavy modules (torch, transformers) load on first use, so ``import vlmkit`` and ``vlmkit --help`` stay fast.
 """
 
 from __future__ import annotations
 
-from vlmkit.attention.maps import AttentionMaps
+import importlib
+
 from vlmkit.errors import InputError, LayoutError, ModelLoadError, VlmkitError
-from vlmkit.models.vlm import VLM, Generation, load
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "AttentionMaps": "vlmkit.attention.maps",
+    "VLM": "vlmkit.models.vlm",
+    "Generation": "vlmkit.models.vlm",
+    "load": "vlmkit.models.vlm",
+}
 
-def ask(image, question: str, *, vlm: VLM | None = None, **gen) -> str:
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vlmkit' has no attribute {name!r}")
+
+
+def ask(image, question: str, *, vlm=None, **gen) -> str:
     """Answer ``question`` about ``image`` with ``vlm`` (default: the embedded default model)."""
+    from vlmkit.models.vlm import load
+
     return (vlm or load()).ask(image, question, **gen)
 
 
-def explain(image, question: str, *, vlm: VLM | None = None, **params):
+def explain(image, question: str, *, vlm=None, **params):
     """Attention vs saliency for the first answer token (see :mod:`vlmkit.methods.saliency`)."""
     from vlmkit.methods.saliency import explain as _explain
 
     return _explain(image, question, vlm=vlm, **params)
 
 
-__all__ = ["AttentionMaps", "Generation", "InputError", "LayoutError", "ModelLoadError", "VLM", "VlmkitError", "ask", "explain",
-           "load"]
+__all__ = ["AttentionMaps", "Generation", "InputError", "LayoutError", "ModelLoadError", "VLM", "VlmkitError", "ask",
+           "explain", "load", "__version__"]
