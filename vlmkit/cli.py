@@ -9,7 +9,7 @@ import sys
 from vlmkit.errors import VlmkitError
 
 #: modules that contribute sub-commands; each exposes ``add_parsers(subparsers)``.
-COMMAND_MODULES = ("vlmkit.eval.cli", "vlmkit.default.cli")
+COMMAND_MODULES = ("vlmkit.eval.cli", "vlmkit.default.cli", "vlmkit.app")
 
 
 def parse_layers(spec: str | None) -> list[int] | None:
