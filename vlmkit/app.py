@@ -162,20 +162,24 @@ class Demo:
                                share=False, show_error=True, quiet=True, ssr_mode=False, **kw)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="vlmkit Gradio demo (offline)")
+def _arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
     ap.add_argument("--sam-checkpoint", default=None)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run(args) -> int:
     examples = make_examples(Path(tempfile.mkdtemp(prefix="vlmkit-demo-")))
     demo = Demo(DemoConfig(args.model, args.sam_checkpoint, args.host, args.port, examples=examples))
     demo.launch()
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run(_arguments(argparse.ArgumentParser(description="vlmkit Gradio demo (offline)")).parse_args(argv))
+
+
 def add_parsers(sub) -> None:
-    p = sub.add_parser("demo", help="start the Gradio demo on 127.0.0.1", add_help=False)
-    p.set_defaults(func=lambda args: main(args.demo_args))
-    p.add_argument("demo_args", nargs=argparse.REMAINDER)
+    _arguments(sub.add_parser("demo", help="start the Gradio demo (offline, on 127.0.0.1)")).set_defaults(func=run)

@@ -6,12 +6,13 @@ image-token :class:`~vlmkit.models._layout.Layout` of every sample. Methods talk
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from vlmkit.errors import LayoutError
+from vlmkit.errors import InputError, LayoutError, VlmkitError
 from vlmkit.models._layout import ImageLayout, Layout, image_token_positions
 
 _ADAPTERS: dict[str, type["FamilyAdapter"]] = {}
@@ -153,3 +154,171 @@ class FamilyAdapter:
             layouts.append(layout)
             pads.append(pad)
         return layouts, pads
+
+    # ------------------------------------------------------------------ vision-tower attention (methods: PAINT)
+    #: True when the vision tower prepends a CLS token whose attention row can score patches (CLIP).
+    has_cls_token: ClassVar[bool] = False
+    #: name under which the vision-attention tap is registered with transformers' ``AttentionInterface``
+    VISION_TAP: ClassVar[str] = "vlmkit_vision"
+
+    def vision_attention_modules(self) -> list[torch.nn.Module]:
+        """The vision tower's self-attention modules, in layer order (families with a vision read override it)."""
+        raise VlmkitError(f"{self.config.model_type}: reading the vision tower's attention is not implemented for "
+                          f"this family (families with it: llava, qwen2_vl, qwen2_5_vl)")
+
+    def vision_feature_layer(self) -> int:
+        """Index of the vision layer whose output feeds the language model (non-negative)."""
+        raise VlmkitError(f"{self.config.model_type}: the vision feature layer is not known for this family")
+
+    def vision_token_scores(self, inputs: dict, layers, kind: str = "auto") -> dict:
+        """Per-image scores of the LLM image tokens read from the vision tower's attention.
+
+        Args:
+            inputs: processor outputs of one batch (pixel values and, for Qwen, ``image_grid_thw``).
+            layers: a vision-layer index (negative from the end) or ``"feature"`` (:meth:`vision_feature_layer`),
+                or a sequence of them; the tower runs once for all of them.
+            kind: ``"cls"`` (attention of the CLS query row), ``"received"`` (mean attention each patch receives
+                over all query rows of its attention block) or ``"auto"`` (``"cls"`` when the tower has a CLS token,
+                else ``"received"``).
+        Returns:
+            ``{layer_spec: [scores per image]}``; each entry is a float32 ``[image_tokens]`` tensor (summed over
+            heads) in the row-major order of the image's LLM token grid (patch scores pooled to LLM tokens).
+        """
+        raise VlmkitError(f"{self.config.model_type}: reading the vision tower's attention is not implemented for "
+                          f"this family (families with it: llava, qwen2_vl, qwen2_5_vl)")
+
+    def _vision_kind(self, kind: str) -> str:
+        if kind == "auto":
+            return "cls" if self.has_cls_token else "received"
+        if kind not in ("cls", "received"):
+            raise InputError(f"vision score kind {kind!r}: use 'cls', 'received' or 'auto'")
+        if kind == "cls" and not self.has_cls_token:
+            raise InputError(f"{self.config.model_type}: the vision tower has no CLS token; use kind='received' "
+                             "(mean attention received per patch) or 'auto'")
+        return kind
+
+    def _vision_layer_index(self, spec, depth: int) -> int:
+        if spec == "feature":
+            return self.vision_feature_layer()
+        if not isinstance(spec, int) or not -depth <= spec < depth:
+            raise InputError(f"vision layer {spec!r} out of range for a {depth}-layer vision tower "
+                             "(use an int in [-depth, depth) or 'feature')")
+        return spec % depth
+
+    @staticmethod
+    def _vision_tap_attention(module, query, key, value, attention_mask, **kwargs):
+        """Attention function used while a tap is attached: hands ``query/key [B, H, L, D]`` to the tap, then SDPA."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        tap = getattr(module, "_vlmkit_vision_tap", None)
+        if tap is not None:
+            tap(query, key, attention_mask, kwargs.get("scaling"))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    @staticmethod
+    def _attention_scores(query: torch.Tensor, key: torch.Tensor, mask, scaling, kind: str) -> torch.Tensor:
+        """float32 ``[B, H, Lk]``: the CLS row (query 0) of softmax(QK^T), or its column sums over all query rows
+        divided by the number of rows (``"received"``). Computed in row blocks to bound memory."""
+        q, k = query.float(), key.float()
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scaling = scaling if scaling is not None else q.shape[-1] ** -0.5
+        lq = 1 if kind == "cls" else q.shape[2]
+        block = max(1, (1 << 24) // max(1, q.shape[0] * q.shape[1] * k.shape[2]))
+        out = torch.zeros(q.shape[0], q.shape[1], k.shape[2], dtype=torch.float32, device=q.device)
+        for start in range(0, lq, block):
+            s = torch.matmul(q[:, :, start:min(start + block, lq)], k.transpose(-1, -2)) * scaling
+            if mask is not None:
+                m = mask[..., start:min(start + block, lq), :] if mask.shape[-2] > 1 else mask
+                s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+            out += torch.softmax(s, dim=-1).sum(2)
+        return out / lq
+
+    @contextmanager
+    def _vision_tap(self, modules: list[torch.nn.Module], wanted: dict[int, str]):
+        """Record attention scores of the vision layers ``wanted`` (index -> kind) for the calls inside the block.
+
+        Yields ``{layer: [float32 [B, H, Lk] per attention call]}`` (Qwen calls once per image or window). The
+        tower's attention implementation is switched to the tap and always restored, taps always removed.
+        """
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(self.VISION_TAP, FamilyAdapter._vision_tap_attention)
+        records: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
+        configs = {id(m.config): m.config for m in modules}
+        old = {k: c._attn_implementation_internal for k, c in configs.items()}
+
+        def tap_for(i: int, kind: str):
+            def tap(query, key, mask, scaling):
+                records[i].append(self._attention_scores(query, key, mask, scaling, kind))
+            return tap
+
+        try:
+            for i, kind in wanted.items():
+                modules[i]._vlmkit_vision_tap = tap_for(i, kind)
+            for c in configs.values():
+                c._attn_implementation_internal = self.VISION_TAP
+            yield records
+        finally:
+            for k, c in configs.items():
+                c._attn_implementation_internal = old[k]
+            for m in modules:
+                if hasattr(m, "_vlmkit_vision_tap"):
+                    del m._vlmkit_vision_tap
+
+    # ------------------------------------------------------------------ text-only prompts and branches (PAI, VCD)
+    def text_prompt(self, question: str) -> str:
+        """Prompt text for ``question`` with no image (same template as :meth:`prompt`)."""
+        return self.prompt(messages=[{"role": "user", "content": [{"type": "text", "text": question}]}])
+
+    def text_only_inputs(self, questions) -> dict:
+        """Tokenised text-only prompts (no image), left-padded: ``input_ids``/``attention_mask`` ``[B, N]``."""
+        qs = [questions] if isinstance(questions, str) else list(questions)
+        tok = self.processor.tokenizer
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            return dict(tok([self.text_prompt(q) for q in qs], return_tensors="pt", padding=True))
+        finally:
+            tok.padding_side = old_side
+
+    def image_wrapper_token_ids(self) -> tuple[int, ...]:
+        """Ids of the tokens that surround image tokens in a prompt (dropped with them for a text-only branch)."""
+        raise VlmkitError(f"{self.config.model_type}: which tokens wrap an image in the prompt is not known for "
+                          "this family, so a text-only branch cannot be derived (families with it: llava, qwen2_vl, "
+                          "qwen2_5_vl)")
+
+    def strip_image(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        """The text-only version of a left-padded prompt batch: image tokens and their wrapper tokens removed, rows
+        re-left-padded. Returns ``input_ids``/``attention_mask`` ``[B, N']`` on the input's device."""
+        drop = torch.tensor([self.image_token_id, *self.image_wrapper_token_ids()], device=input_ids.device)
+        mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        keep = mask & ~torch.isin(input_ids, drop)
+        rows = [input_ids[b][keep[b]] for b in range(input_ids.shape[0])]
+        n = max(int(r.numel()) for r in rows)
+        tok = self.processor.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(rows), n), pad, dtype=input_ids.dtype, device=input_ids.device)
+        out_mask = torch.zeros(len(rows), n, dtype=torch.long, device=input_ids.device)
+        for b, r in enumerate(rows):
+            ids[b, n - r.numel():] = r
+            out_mask[b, n - r.numel():] = 1
+        return {"input_ids": ids, "attention_mask": out_mask}
+
+    def swap_state(self, state: dict | None) -> dict:
+        """Install per-sequence model state (``None``: fresh) and return the state that was there.
+
+        Lets a second decoding branch over the same model (VCD's noised image, PAI's text-only prompt) keep its own
+        cached state (Qwen's ``rope_deltas``) without disturbing the main generation.
+        """
+        inner = getattr(self.model, "model", self.model)
+        if not hasattr(inner, "rope_deltas"):
+            return {}
+        old = {"rope_deltas": inner.rope_deltas}
+        inner.rope_deltas = (state or {}).get("rope_deltas")
+        return old
+
+    def branch_position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Position ids for one decode token of a branch (``attention_mask [B, N+1]`` includes it); ``None`` lets
+        the model count from its cache length, which matches its default prefill positions."""
+        return None

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
-from vlmkit.errors import LayoutError
+from vlmkit.errors import InputError, LayoutError
 from vlmkit.models._adapter import FamilyAdapter, register_adapter
 from vlmkit.models._layout import AxisMap, ImageLayout, View
 
@@ -94,3 +95,45 @@ class LlavaAdapter(FamilyAdapter):
         boxes = amap.cell_boxes(rows, cols, (0.0, 0.0, cols * p, rows * p))
         view = View("image", positions[extra:], (rows, cols), boxes)
         return ImageLayout(tuple(size), [view], positions[:extra])
+
+    # ------------------------------------------------------------------ vision-tower attention (methods: PAINT)
+    @property
+    def has_cls_token(self) -> bool:
+        """CLIP towers prepend a CLS token; other towers (e.g. SigLIP) have none."""
+        return getattr(self.config.vision_config, "model_type", "") == "clip_vision_model"
+
+    def _vision_tower(self) -> torch.nn.Module:
+        return getattr(self.model, "model", self.model).vision_tower
+
+    def vision_attention_modules(self) -> list[torch.nn.Module]:
+        tower = self._vision_tower()
+        tower = getattr(tower, "vision_model", tower)  # transformers 5 flattens CLIPVisionModel; older nests it
+        return [layer.self_attn for layer in tower.encoder.layers]
+
+    def vision_feature_layer(self) -> int:
+        """The ViT layer producing ``hidden_states[vision_feature_layer]`` (the deepest one for a list)."""
+        depth = len(self.vision_attention_modules())
+        spec = self.config.vision_feature_layer
+        hs = max((int(x) % (depth + 1) for x in spec), default=depth) if isinstance(spec, (list, tuple)) \
+            else int(spec) % (depth + 1)
+        return max(hs - 1, 0)  # hidden_states[0] is the embedding output, hidden_states[i] follows layer i - 1
+
+    def vision_token_scores(self, inputs: dict, layers, kind: str = "auto") -> dict:
+        """See :meth:`FamilyAdapter.vision_token_scores`. One ViT pass over ``pixel_values [n_images, 3, H, W]``;
+        the CLS column is dropped so each image's scores cover its ``rows * cols`` patch tokens."""
+        pixels = inputs.get("pixel_values")
+        if pixels is None:
+            raise InputError("vision_token_scores needs processor outputs with pixel_values (an image)")
+        kind = self._vision_kind(kind)
+        modules = self.vision_attention_modules()
+        specs = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        index = {spec: self._vision_layer_index(spec, len(modules)) for spec in specs}
+        tower = self._vision_tower()
+        with torch.no_grad(), self._vision_tap(modules, {i: kind for i in index.values()}) as rec:
+            tower(pixels.to(device=next(tower.parameters()).device, dtype=next(tower.parameters()).dtype))
+        first = 1 if self.has_cls_token else 0
+        return {spec: list(rec[i][0].sum(1)[:, first:].cpu()) for spec, i in index.items()}
+
+    # ------------------------------------------------------------------ text-only branch (methods: PAI)
+    def image_wrapper_token_ids(self) -> tuple[int, ...]:
+        return ()  # LLaVA's prompt holds bare image tokens
