@@ -191,17 +191,17 @@ class VLM:
         state = self._state
         processors = []
         ids = inputs["input_ids"]
-        if state.active:
-            state.batch = Batch(ids, pads, layouts)
-            if state.recorder is not None:
-                tok = self.processor.tokenizer
-                state.recorder.begin(ids.cpu(), layouts, pads, [tok.convert_ids_to_tokens(ids[b, p:].tolist())
-                                                                for b, p in enumerate(pads)])
-            for iv in state.interventions:
-                iv.setup(self, state.batch, inputs)
-                processors += iv.processors(self, state.batch, inputs)
         self.adapter.reset_state()
         try:
+            if state.active:
+                state.batch = Batch(ids, pads, layouts)
+                if state.recorder is not None:
+                    tok = self.processor.tokenizer
+                    state.recorder.begin(ids.cpu(), layouts, pads, [tok.convert_ids_to_tokens(ids[b, p:].tolist())
+                                                                    for b, p in enumerate(pads)])
+                for iv in state.interventions:
+                    iv.setup(self, state.batch, inputs)
+                    processors += iv.processors(self, state.batch, inputs)
             yield processors
         finally:
             self.adapter.reset_state()
