@@ -1,6 +1,5 @@
 """vlmkit.load, generation settings, bad inputs, AttentionMaps persistence and the `vlmkit ask` command."""
 
-import json
 
 import numpy as np
 import pytest

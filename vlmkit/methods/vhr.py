@@ -21,9 +21,7 @@ text keeps the chat template exactly intact and works for ``messages=`` prompts 
 
 from __future__ import annotations
 
-import re
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -34,12 +32,6 @@ from vlmkit.models._layout import Layout
 
 #: The paper's layers for 32-layer LMs, {1} and the last 14 ({18..31}), as the second layer plus a depth range.
 DEFAULT_LAYERS = (1, (18 / 32, 1.0))
-_WRAPPER_CONFIG_IDS = ("vision_start_token_id", "vision_end_token_id", "boi_token_id", "eoi_token_id",
-                       "image_start_token_id", "image_end_token_id")
-_WRAPPER_PROCESSOR_TOKENS = ("fake_image_token", "global_image_token", "global_image_tag", "image_start_token",
-                             "image_end_token", "boi_token", "eoi_token")
-
-
 def resolve_layer_union(spec, num_layers: int) -> list[int]:
     """Like :func:`~vlmkit.attention.hooks.resolve_layers`, and also a list mixing ints/floats with ``(lo, hi)``
     fraction ranges, e.g. ``(1, (0.5625, 1.0))`` = layer 1 plus the last 44% of layers."""
@@ -52,48 +44,19 @@ def resolve_layer_union(spec, num_layers: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- side forwards (shared with VAR)
-@contextmanager
-def isolated(vlm, interventions: list[Intervention], batch: Batch):
-    """Make the backend see only ``interventions`` and ``batch`` (no recorder) for the block, then restore.
-
-    For a side forward run from an intervention's ``setup`` (the VLM's attention state is already attached).
-    """
-    state = vlm._state
-    saved = (state.recorder, state.interventions, state.batch)
-    state.recorder, state.interventions, state.batch = None, list(interventions), batch
-    try:
-        yield
-    finally:
-        state.recorder, state.interventions, state.batch = saved
-        vlm.adapter.reset_state()
-
-
 def side_forward(vlm, interventions: list[Intervention], batch: Batch, inputs: dict) -> None:
     """One forward of the model over ``inputs`` seen by ``interventions`` only (no cache, no gradients)."""
-    with isolated(vlm, interventions, batch), torch.inference_mode():
+    with vlm.isolated(interventions, batch), torch.inference_mode():
         vlm.adapter.reset_state()
-        vlm.model(**inputs, use_cache=False)
+        try:
+            vlm.model(**inputs, use_cache=False)
+        finally:
+            vlm.adapter.reset_state()  # the main call must not inherit this forward's rope_deltas
 
 
 def wrapper_token_ids(vlm) -> set[int]:
     """Ids of the family's tokens that wrap image tokens (never the image token itself)."""
-    tok = vlm.processor.tokenizer
-    ids = set()
-    for name in _WRAPPER_CONFIG_IDS:
-        v = getattr(vlm.model.config, name, None)
-        if isinstance(v, int):
-            ids.add(v)
-    for name in _WRAPPER_PROCESSOR_TOKENS:
-        t = getattr(vlm.processor, name, None)
-        if isinstance(t, str):
-            i = tok.convert_tokens_to_ids(t)
-            if isinstance(i, int) and i != tok.unk_token_id:
-                ids.add(i)
-    for t, i in tok.get_added_vocab().items():
-        if re.fullmatch(r"<row_\d+_col_\d+>", t):
-            ids.add(i)
-    ids.discard(vlm.adapter.image_token_id)
-    return ids
+    return set(vlm.adapter.image_wrapper_token_ids())
 
 
 def image_spans(ids: list[int], layout: Layout, wrappers: set[int]) -> set[int]:

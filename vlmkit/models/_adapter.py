@@ -282,11 +282,35 @@ class FamilyAdapter:
         finally:
             tok.padding_side = old_side
 
+    #: config fields / processor attributes that name tokens wrapping an image in the prompt
+    _WRAPPER_CONFIG_IDS: ClassVar[tuple[str, ...]] = ("vision_start_token_id", "vision_end_token_id", "boi_token_id",
+                                                      "eoi_token_id", "image_start_token_id", "image_end_token_id")
+    _WRAPPER_PROCESSOR_TOKENS: ClassVar[tuple[str, ...]] = ("fake_image_token", "global_image_token",
+                                                            "global_image_tag", "image_start_token",
+                                                            "image_end_token", "boi_token", "eoi_token")
+
     def image_wrapper_token_ids(self) -> tuple[int, ...]:
-        """Ids of the tokens that surround image tokens in a prompt (dropped with them for a text-only branch)."""
-        raise VlmkitError(f"{self.config.model_type}: which tokens wrap an image in the prompt is not known for "
-                          "this family, so a text-only branch cannot be derived (families with it: llava, qwen2_vl, "
-                          "qwen2_5_vl)")
+        """Ids of the tokens that surround image tokens in a prompt (dropped with them for a text-only branch):
+        the config's vision start/end ids, the processor's wrapper tokens and Idefics-style ``<row_i_col_j>``."""
+        import re
+
+        tok = self.processor.tokenizer
+        ids: set[int] = set()
+        for name in self._WRAPPER_CONFIG_IDS:
+            v = getattr(self.config, name, None)
+            if isinstance(v, int):
+                ids.add(v)
+        for name in self._WRAPPER_PROCESSOR_TOKENS:
+            t = getattr(self.processor, name, None)
+            if isinstance(t, str):
+                i = tok.convert_tokens_to_ids(t)
+                if isinstance(i, int) and i != tok.unk_token_id:
+                    ids.add(i)
+        for t, i in tok.get_added_vocab().items():
+            if re.fullmatch(r"<row_\d+_col_\d+>", t):
+                ids.add(i)
+        ids.discard(self.image_token_id)
+        return tuple(sorted(ids))
 
     def strip_image(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
         """The text-only version of a left-padded prompt batch: image tokens and their wrapper tokens removed, rows

@@ -135,5 +135,3 @@ class LlavaAdapter(FamilyAdapter):
         return {spec: list(rec[i][0].sum(1)[:, first:].cpu()) for spec, i in index.items()}
 
     # ------------------------------------------------------------------ text-only branch (methods: PAI)
-    def image_wrapper_token_ids(self) -> tuple[int, ...]:
-        return ()  # LLaVA's prompt holds bare image tokens

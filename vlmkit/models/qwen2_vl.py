@@ -95,10 +95,6 @@ class QwenVLAdapter(FamilyAdapter):
             text = text.replace("<|vision_start|><|vision_end|>", "")
         return text
 
-    def image_wrapper_token_ids(self) -> tuple[int, ...]:
-        return tuple(int(getattr(self.config, k)) for k in ("vision_start_token_id", "vision_end_token_id")
-                     if getattr(self.config, k, None) is not None)
-
     def branch_position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """``[3, B, 1]`` M-RoPE positions of a branch's decode token from its own ``rope_deltas`` (installed with
         :meth:`swap_state`); ``None`` for a text-only branch (no deltas: plain positions from the cache length)."""

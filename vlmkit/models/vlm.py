@@ -7,7 +7,6 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -256,6 +255,20 @@ class VLM:
                 iv.bind(self)
             with self._activate(interventions=ivs):
                 yield ivs
+
+    @contextmanager
+    def isolated(self, interventions=(), batch=None):
+        """For side forwards run from inside another call (an intervention's ``setup``, a second decoding branch):
+        the backend sees only ``interventions`` and ``batch`` (no recorder) for the block; all is restored after.
+        With the defaults the model runs plain (no capture, no edits). Model state such as Qwen's ``rope_deltas`` is
+        the caller's to save and restore (``adapter.swap_state``)."""
+        state = self._state
+        saved = (state.recorder, state.interventions, state.batch)
+        state.recorder, state.interventions, state.batch = None, list(interventions), batch
+        try:
+            yield
+        finally:
+            state.recorder, state.interventions, state.batch = saved
 
     @contextmanager
     def _activate(self, recorder=None, interventions=()):
