@@ -151,3 +151,13 @@ def test_parse_layers():
     assert parse_layers("8-10") == [8, 9, 10]
     assert parse_layers("3,5,-1") == [3, 5, -1]
     assert parse_layers(None) is None
+
+
+def test_cli_ask_with_method(saved_llava, png, capsys):
+    assert main(["ask", str(png), "what color ?", "--model", str(saved_llava), "--method", "pai",
+                 "--method-args", "alpha=0.0", "--max-new-tokens", "3"]) == 0
+    neutral = capsys.readouterr().out
+    assert main(["ask", str(png), "what color ?", "--model", str(saved_llava), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out == neutral  # alpha=0 is no edit
+    assert main(["ask", str(png), "q", "--model", str(saved_llava), "--method", "nope"]) == 1
+    assert "unknown method 'nope'" in capsys.readouterr().err

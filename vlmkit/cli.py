@@ -29,19 +29,22 @@ def parse_layers(spec: str | None) -> list[int] | None:
 
 def _ask(args) -> int:
     import vlmkit
+    from vlmkit.eval.runner import method_context, parse_method_args
 
     vlm = vlmkit.load(args.model, device=args.device, dtype=args.dtype)
     layers = parse_layers(args.layers)
-    if args.heatmap or args.maps:
-        with vlm.capture(layers=layers, rows="last") as rec:
-            answer = vlm.ask(args.image, args.question, max_new_tokens=args.max_new_tokens)
-        maps = rec.maps
-        if args.heatmap:
-            maps.save_png(args.heatmap, image=args.image, source="prefill")
-        if args.maps:
-            maps.save(args.maps)
-    else:
-        answer = vlm.ask(args.image, args.question, max_new_tokens=args.max_new_tokens)
+    gen = {"max_new_tokens": args.max_new_tokens}
+    with method_context(vlm, args.method, parse_method_args(args.method_args)):
+        if args.heatmap or args.maps:
+            with vlm.capture(layers=layers, rows="last") as rec:
+                answer = vlm.ask(args.image, args.question, **gen)
+            maps = rec.maps
+            if args.heatmap:
+                maps.save_png(args.heatmap, image=args.image, source="prefill")
+            if args.maps:
+                maps.save(args.maps)
+        else:
+            answer = vlm.ask(args.image, args.question, **gen)
     print(answer)
     if args.heatmap:
         print(f"heat map: {args.heatmap}", file=sys.stderr)
@@ -81,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--maps", metavar="FILE", help="save the captured AttentionMaps (safetensors)")
     a.add_argument("--layers", default=None, help="layers for capture and heat map, e.g. 8-12 (default: all)")
     a.add_argument("--max-new-tokens", type=int, default=32)
+    a.add_argument("--method", default="none", help="intervention to apply (e.g. paint, vhr, var, vcd, pai)")
+    a.add_argument("--method-args", default=None, help="k=v,... parameters of the method")
     a.set_defaults(func=_ask)
     e = sub.add_parser("explain", help="attention vs saliency (input x gradient, integrated gradients, occlusion)")
     e.add_argument("image")
