@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 import tiny
-from vlmkit.attention.capture import row_probabilities
 from vlmkit.models.vlm import VLM
 
 Q1 = "is there a red circle in the image ?"
@@ -140,17 +139,3 @@ def test_rope_state_reset_between_calls(vlm):
     first = vlm.generate([img_b], [Q2], max_new_tokens=4)[0].token_ids
     vlm.generate([img_a], [Q1], max_new_tokens=4)
     assert vlm.generate([img_b], [Q2], max_new_tokens=4)[0].token_ids == first
-
-
-def test_row_probabilities_gqa_and_masks():
-    torch.manual_seed(0)
-    q, k = torch.randn(4, 5, 8), torch.randn(2, 5, 8)
-    full = torch.softmax((q @ k.repeat_interleave(2, 0).transpose(-1, -2)) * 0.3
-                         + torch.triu(torch.full((5, 5), float("-inf")), 1), -1)
-    rows, cols = torch.tensor([1, 4]), torch.tensor([0, 2, 3])
-    causal = row_probabilities(q, k, None, 0.3, rows, cols, True)
-    torch.testing.assert_close(causal, full[:, rows][:, :, cols])
-    bool_mask = torch.tril(torch.ones(5, 5, dtype=torch.bool))[None]
-    torch.testing.assert_close(row_probabilities(q, k, bool_mask, 0.3, rows, cols, False), causal)
-    add_mask = torch.zeros(1, 5, 5).masked_fill(~bool_mask, float("-inf"))
-    torch.testing.assert_close(row_probabilities(q, k, add_mask, 0.3, rows, cols, False), causal)

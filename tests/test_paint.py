@@ -309,3 +309,23 @@ def test_registry_and_parameters():
         PAINT(alpha=-1.0)
     with pytest.raises(InputError):
         PAI(head_modulation=2.0)
+
+
+def test_fused_modulation_path_equals_generic_edit_path(monkeypatch):
+    """PAI/PAINT's boost runs inside the kernel dispatch as a Modulation; the generic fp32 row edit must agree."""
+    from vlmkit.methods.pai import PAI, RowBoost
+
+    model, proc = tiny.build("llava")
+    vlm = VLM(model, proc)
+    img = Image.fromarray((np.random.RandomState(4).rand(24, 40, 3) * 255).astype("uint8"))
+    with vlm.intervene(PAI(alpha=0.8, layers=None)), vlm.capture() as fused_rec:
+        fused = vlm.generate([img], ["what color ?"], max_new_tokens=4)[0]
+        fused_logits = vlm.forward([img], ["what color ?"])
+    monkeypatch.setattr(RowBoost, "modulations", lambda self, site: None)
+    with vlm.intervene(PAI(alpha=0.8, layers=None)), vlm.capture() as generic_rec:
+        generic = vlm.generate([img], ["what color ?"], max_new_tokens=4)[0]
+        generic_logits = vlm.forward([img], ["what color ?"])
+    assert fused.token_ids == generic.token_ids
+    torch.testing.assert_close(fused_logits, generic_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused_rec.samples[0].prefill, generic_rec.samples[0].prefill, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused_rec.samples[0].decode, generic_rec.samples[0].decode, atol=1e-5, rtol=0)

@@ -77,6 +77,17 @@ def edited_rows(query, key, value, allowed, scaling, site: Site, rows: torch.Ten
     return torch.matmul(probs, v), probs
 
 
+def _modulations(edits: list[Intervention], site: Site):
+    """The edits as kernel :class:`~vlmkit.kernels.Modulation` s, or None if any edit cannot be expressed so."""
+    mods = []
+    for e in edits:
+        m = e.modulations(site)
+        if m is None:
+            return None
+        mods.extend(m)
+    return mods
+
+
 class AttentionState:
     """What one VLM's backend calls see: the active recorder, interventions and the current :class:`Batch`."""
 
@@ -101,9 +112,12 @@ class AttentionState:
         site = Site(layer, step, batch, torch.arange(lk - lq, lk), lk, module)
         edits = [iv for iv in self.interventions if layer in iv.layers]
         attn_edits = [iv for iv in edits if iv.edits_attention]
-        out, _ = _sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=causal, **kwargs)
-        probs_fn = None
-        if attn_edits:
+        mods = _modulations(attn_edits, site)
+        rec = self.recorder if self.recorder is not None and self.recorder.wants(layer) else None
+        if attn_edits and mods is None:
+            # generic edits: SDPA for every row, the edited rows recomputed exactly in fp32 and swapped in
+            out, _ = _sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=causal,
+                           **kwargs)
             allowed = allowed_mask(mask, lq, lk, causal, query.device)
             touched = torch.zeros(lq, dtype=torch.bool)
             for e in attn_edits:
@@ -115,11 +129,30 @@ class AttentionState:
                 out = out.clone()
                 out[:, rows] = new.transpose(1, 2).to(out.dtype)
 
-            def probs_fn(b, want):
-                return edited_rows(query, key, value, allowed, scaling, site, want, attn_edits)[1][b]
+            def probs_fn(rows, cols):  # rows/cols [B, n], -1 = padding slot
+                res = []
+                for b in range(query.shape[0]):
+                    r, c = rows[b][rows[b] >= 0], cols[b][cols[b] >= 0]
+                    res.append(edited_rows(query, key, value, allowed, scaling, site, r, attn_edits)[1][b][:, :, c])
+                return res
+        elif rec is not None or mods:
+            # the kernel dispatch: Triton on CUDA, PyTorch elsewhere; modulations applied inside pass 1 and 2
+            from vlmkit.kernels import attention as fused, row_probs
 
-        if self.recorder is not None:
-            self.recorder.record(layer, step, query, key, mask, scaling, causal, probs_fn)
+            o, lse = fused(query, key, value, mask=mask, causal=causal and lq > 1, scaling=scaling,
+                           modulations=mods or (), return_lse=rec is not None)
+            out = o.transpose(1, 2)
+
+            def probs_fn(rows, cols):
+                p = row_probs(query, key, lse, rows, cols, mask=mask, causal=causal and lq > 1, scaling=scaling,
+                              modulations=mods or ())
+                return [p[b][:, rows[b] >= 0][:, :, cols[b] >= 0] for b in range(query.shape[0])]
+        else:
+            out, _ = _sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=causal,
+                           **kwargs)
+            probs_fn = None
+        if rec is not None:
+            rec.record(layer, step, lq, probs_fn)
         for e in edits:
             out = e.heads(site, out)
         return out, None

@@ -19,34 +19,13 @@ from vlmkit.models._layout import Layout
 ROW_MODES = ("last", "prompt_text", "generated")
 
 
-def row_probabilities(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-                      rows: torch.Tensor, cols: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Exact softmax probabilities of chosen query rows onto chosen key columns, for one sample.
-
-    Args:
-        query: ``[H, Lq, D]``; key: ``[H_kv, Lk, D]`` (GQA keys are repeated here).
-        mask: ``[H or 1, Lq, Lk]`` bool (True = attend) or additive float, or None.
-        rows: int64 ``[R]`` indices into ``Lq``; cols: int64 ``[C]`` indices into ``Lk``.
-        causal: apply SDPA's upper-left causal rule when ``mask`` is None and ``Lq > 1``.
-    Returns:
-        float32 ``[H, R, C]``.
-    """
-    heads, lq = query.shape[0], query.shape[1]
-    rep = heads // key.shape[0]
-    k = key.float()
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=0)
-    scores = torch.matmul(query[:, rows].float(), k.transpose(-1, -2)) * scaling  # [H, R, Lk]
-    if mask is not None:
-        m = mask[:, rows]
-        if m.dtype == torch.bool:
-            scores = scores.masked_fill(~m, float("-inf"))
-        else:
-            scores = scores + m.float()
-    elif causal and lq > 1:
-        keep = torch.arange(k.shape[1], device=scores.device)[None, :] <= rows[:, None]
-        scores = scores.masked_fill(~keep[None], float("-inf"))
-    return torch.softmax(scores, dim=-1)[..., cols]
+def _padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Stack ragged int64 index lists into ``[B, n]`` padded with -1."""
+    n = max([len(p) for p in parts] + [0])
+    out = torch.full((len(parts), n), -1, dtype=torch.long)
+    for b, p in enumerate(parts):
+        out[b, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+    return out
 
 
 @dataclass
@@ -118,25 +97,22 @@ class Recorder:
                                    self.rows in ("last", "generated")))
             self._meta.append((layout, tokens[b], rows))
 
-    def record(self, layer: int, step: int, query, key, mask, scaling: float, causal: bool, probs_fn=None) -> None:
-        """Called by the backend for every attention call. ``probs_fn(b, rows) -> [H, R, Lk]`` gives edited
-        probabilities when an intervention is active on this layer."""
-        if layer not in self._prefill:
-            return
+    def wants(self, layer: int) -> bool:
+        return layer in self._prefill
 
-        def probs(b, rows, cols, is_causal):
-            if probs_fn is not None:
-                return probs_fn(b, rows)[..., cols].float()
-            m = mask[b] if mask is not None else None
-            return row_probabilities(query[b], key[b], m, scaling, rows, cols, is_causal)
-
+    def record(self, layer: int, step: int, lq: int, probs_fn) -> None:
+        """Called by the backend for every attention call on a captured layer. ``probs_fn(rows [B, R], cols [B, C])``
+        (-1 = padding slot) returns, per sample, the exact probabilities ``[H, R_b, C_b]`` the model used."""
         if step == 0:
-            self._prefill[layer].append([probs(b, p.rows.to(query.device), p.cols.to(key.device), causal).cpu()
-                                         for b, p in enumerate(self._plan)])
+            rows = _padded([p.rows for p in self._plan])
         else:
-            last = torch.tensor([query.shape[2] - 1], device=query.device)
-            self._decode[layer].append([probs(b, last, p.cols.to(key.device), False)[:, 0].cpu() if p.decode
-                                        else None for b, p in enumerate(self._plan)])
+            rows = _padded([torch.tensor([lq - 1] if p.decode else [], dtype=torch.long) for p in self._plan])
+        probs = probs_fn(rows, _padded([p.cols for p in self._plan]))
+        if step == 0:
+            self._prefill[layer].append([p.float().cpu() for p in probs])
+        else:
+            self._decode[layer].append([p[:, 0].float().cpu() if plan.decode else None
+                                        for p, plan in zip(probs, self._plan)])
 
     def finish(self, generated: list[list[str]]) -> list[AttentionMaps]:
         """Assemble one :class:`AttentionMaps` per sample; ``generated[b]`` are the sample's answer tokens."""

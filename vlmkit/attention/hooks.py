@@ -138,6 +138,11 @@ class Intervention:
         """bool ``[Lq]`` query rows this edit touches at ``site`` (None: every row)."""
         return None
 
+    def modulations(self, site: Site) -> list | None:
+        """This edit at ``site`` as kernel modulations (``vlmkit.kernels.Modulation``), so that it runs inside the
+        fused kernel; None (the default) means it is applied by :meth:`logits` / :meth:`probs` instead."""
+        return None
+
     def logits(self, site: Site, scores: torch.Tensor, allowed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Edit pre-softmax scores ``[B, H, R, Lk]`` (fp32) of the query rows ``rows [R]``; ``allowed`` is the
         bool mask ``[B, 1|H, R, Lk]``. Masked entries are re-masked afterwards."""

@@ -74,6 +74,20 @@ class RowBoost(Intervention):
             return rows
         return site.q_pos.cpu() >= int(self.edit_from)
 
+    def modulations(self, site: Site):
+        """The plain boost (last row, no head modulation) as a kernel modulation, so it runs inside the fused kernel:
+        ``alpha`` per key column ``[B, 1, 1, Lk]`` on query rows from the last one on."""
+        if self.head_modulation or self.edit_from is not None:
+            return None
+        from vlmkit.kernels import Modulation
+
+        state = site.batch.extras.get(self._key)
+        if state is None:
+            return []
+        w = state["weights"].to(site.batch.input_ids.device)
+        w = torch.nn.functional.pad(w, (0, site.kv_len - w.shape[1]))[:, None, None, :]
+        return [Modulation(alpha=w, row_start=int(site.q_pos[-1]))]
+
     def _head_factor(self, site: Site, state: dict, z: torch.Tensor, ok: torch.Tensor) -> torch.Tensor | None:
         """float32 ``[B, H, 1, 1]`` per-head multipliers (``None`` when modulation is off)."""
         if self.head_modulation == 0.0:
