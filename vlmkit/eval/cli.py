@@ -1,6 +1,6 @@
-"""``vlmkit eval pope|chair|screenspot`` and ``vlmkit data pope|chair``.
+"""``vlmkit eval pope|chair|screenspot``, ``vlmkit lm-eval ARGS...`` and ``vlmkit data pope|chair``.
 
-Wire-up: ``vlmkit.cli`` calls :func:`add_parsers` (adds "eval" and "data"), or :func:`add_eval_parser` /
+Wire-up: ``vlmkit.cli`` calls :func:`add_parsers` (adds "eval", "lm-eval" and "data"), or :func:`add_eval_parser` /
 :func:`add_data_commands` separately when another module also owns "data". Each parser sets
 ``func(args) -> int``. The task functions (:func:`eval_pope`, ...) take an optional already-loaded ``vlm`` and return
 the results dict, so they double as a Python API.
@@ -286,11 +286,35 @@ def add_data_commands(data_subparsers) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--num-images", type=int, default=30)
         p.set_defaults(func=fn)
+    importlib.import_module("vlmkit.data.gui").add_data_screenspot(data_subparsers)  # generated GUI set (issue 7)
+
+
+def _lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from vlmkit.eval.lm_eval import run_cli
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        raise VlmkitError("vlmkit lm-eval needs lm-eval 0.4.13: pip install 'vlmkit[eval]'") from None
+    return run_cli(args.lm_eval_args)
+
+
+def add_lm_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``lm-eval ARGS...``: every argument goes to lm-eval's own command line, with model "vlmkit" registered
+    (and ``--model vlmkit`` when no ``--model`` is given); ``vlmkit lm-eval --help`` prints lm-eval's help."""
+    # No option prefix: argparse would otherwise claim lm-eval's options (--model, -h) for this parser.
+    p = subparsers.add_parser("lm-eval", add_help=False, prefix_chars="\0",
+                              help="run lm-eval (EleutherAI harness) with vlmkit models: --model_args "
+                                   "pretrained=PATH,method=NAME,k=v --tasks ...")
+    p.add_argument("lm_eval_args", nargs="*", metavar="LM_EVAL_ARGS")
+    p.set_defaults(func=_lm_eval)
+    return p
 
 
 def add_parsers(subparsers) -> None:
-    """Add ``eval`` and ``data`` (with ``pope``/``chair``) to the top-level sub-parsers."""
+    """Add ``eval``, ``lm-eval`` and ``data`` (with ``pope``/``chair``) to the top-level sub-parsers."""
     add_eval_parser(subparsers)
+    add_lm_eval_parser(subparsers)
     data = subparsers.add_parser("data", help="write generated data sets")
     add_data_commands(data.add_subparsers(dest="data_cmd", required=True))
 
