@@ -45,7 +45,7 @@ def test_binds_to_localhost_and_names_endpoints(served):
     _, url, client, _, _ = served
     assert url.startswith("http://127.0.0.1:")
     api = client.view_api(print_info=False, return_format="dict")
-    assert {"/ask", "/fixes"} <= set(api["named_endpoints"])
+    assert {"/ask", "/fixes", "/carve"} <= set(api["named_endpoints"])
 
 
 def test_ask_endpoint_returns_answer_and_heatmap(served):
@@ -59,11 +59,23 @@ def test_ask_endpoint_returns_answer_and_heatmap(served):
     assert not np.array_equal(np.asarray(Image.open(heat)), np.asarray(Image.open(heat_head)))
 
 
+def test_carve_endpoint(served):
+    _, _, client, _, tmp = served
+    orig, new, refined, contrast = client.predict(gradio_client.handle_file(_png(tmp)), "what color ?",
+                                                  api_name="/carve")
+    assert isinstance(orig, str) and isinstance(new, str)
+    assert np.asarray(Image.open(contrast)).shape[:2] == (32, 48)
+    assert np.asarray(Image.open(refined)).ndim == 3
+
+
 def test_fixes_endpoint_lists_methods(served):
     _, _, client, _, tmp = served
     out = client.predict(gradio_client.handle_file(_png(tmp)), "what color ?", api_name="/fixes")
     rows = out["data"] if isinstance(out, dict) else out
-    assert rows and rows[0][0] == "none"
+    from vlmkit.app import FIX_METHODS
+
+    assert [r[0] for r in rows] == list(FIX_METHODS)  # none, paint, vhr, var, vcd, pai side by side
+    assert all(isinstance(r[1], str) for r in rows)
 
 
 def test_concurrent_calls_to_different_tabs(served):

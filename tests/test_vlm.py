@@ -161,3 +161,12 @@ def test_cli_ask_with_method(saved_llava, png, capsys):
     assert capsys.readouterr().out == neutral  # alpha=0 is no edit
     assert main(["ask", str(png), "q", "--model", str(saved_llava), "--method", "nope"]) == 1
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_cli_ask_with_carve_writes_refined_and_contrast(saved_llava, png, tmp_path, capsys):
+    out = tmp_path / "carve.png"
+    assert main(["ask", str(png), "what color ?", "--model", str(saved_llava), "--method", "carve", "--heatmap",
+                 str(out), "--max-new-tokens", "3"]) == 0
+    assert "original answer" in capsys.readouterr().err
+    for p in (out, tmp_path / "carve.refined.png", tmp_path / "carve.contrast.png"):
+        assert p.is_file(), p

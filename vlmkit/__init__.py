@@ -41,6 +41,13 @@ def ask(image, question: str, *, vlm=None, **gen) -> str:
     return (vlm or load()).ask(image, question, **gen)
 
 
+def carve(image, question: str, *, vlm=None, **params):
+    """CARVE contrastive attention refinement (see :mod:`vlmkit.methods.carve`); returns a ``CarveResult``."""
+    from vlmkit.methods.carve import carve as _carve
+
+    return _carve(image, question, vlm=vlm, **params)
+
+
 def explain(image, question: str, *, vlm=None, **params):
     """Attention vs saliency for the first answer token (see :mod:`vlmkit.methods.saliency`)."""
     from vlmkit.methods.saliency import explain as _explain
@@ -49,4 +56,4 @@ def explain(image, question: str, *, vlm=None, **params):
 
 
 __all__ = ["AttentionMaps", "Generation", "InputError", "LayoutError", "ModelLoadError", "VLM", "VlmkitError", "ask",
-           "explain", "load", "__version__"]
+           "carve", "explain", "load", "__version__"]

@@ -89,6 +89,9 @@ class Demo:
         self.vlm = vlm if vlm is not None else vlmkit.load(cfg.model)
         self.num_layers = self.vlm.adapter.num_layers
         self.num_heads = int(self.vlm.model.config.text_config.num_attention_heads)
+        from vlmkit.methods.carve import Carve
+
+        self._carve = Carve()  # one object: its general-pass cache serves repeated questions on an image
 
     def _image(self, image):
         from vlmkit.io import load_image
@@ -109,6 +112,17 @@ class Demo:
         heads = None if head in (None, "", "mean") else [int(head)]
         overlay = rec.maps.overlay(img, source="prefill", heads=heads)
         return answer, np.asarray(overlay)
+
+    def carve(self, image, question: str):
+        """CARVE: original vs refined image, contrast map over the image, both answers."""
+        from vlmkit.viz import heat_overlay
+
+        img = self._image(image)
+        if not question or not question.strip():
+            raise ValueError("type a question")
+        res = self._carve(img, question.strip(), vlm=self.vlm)
+        return (res.original_answer, res.answer, np.asarray(res.refined_image),
+                np.asarray(heat_overlay(img, res.fused_map)))
 
     def fixes(self, image, question: str):
         """The same question under each hallucination fix; returns rows (method, answer)."""
@@ -145,6 +159,19 @@ class Demo:
                 btn.click(_guard(self.ask), [img, q, lo, hi, head], [ans, heat], api_name="ask")
                 if ex:
                     gr.Examples([[p, "Is there a red circle in the image?"] for p in ex], [img, q])
+            with gr.Tab("CARVE"):
+                with gr.Row():
+                    cimg = gr.Image(type="pil", label="image")
+                    refined = gr.Image(type="numpy", label="refined image", interactive=False)
+                    contrast = gr.Image(type="numpy", label="contrast map", interactive=False)
+                cq = gr.Textbox(label="question", value="What color is the star?")
+                cbtn = gr.Button("Refine and answer", variant="primary")
+                with gr.Row():
+                    orig = gr.Textbox(label="original answer", interactive=False)
+                    new = gr.Textbox(label="answer on the refined image", interactive=False)
+                cbtn.click(_guard(self.carve), [cimg, cq], [orig, new, refined, contrast], api_name="carve")
+                if ex:
+                    gr.Examples([[p, "What color is the star?"] for p in ex], [cimg, cq])
             with gr.Tab("Hallucination fixes"):
                 fimg = gr.Image(type="pil", label="image")
                 fq = gr.Textbox(label="question", value="Is there a blue star in the image?")

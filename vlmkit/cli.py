@@ -34,6 +34,16 @@ def _ask(args) -> int:
     vlm = vlmkit.load(args.model, device=args.device, dtype=args.dtype)
     layers = parse_layers(args.layers)
     gen = {"max_new_tokens": args.max_new_tokens}
+    if args.method == "carve":
+        from vlmkit.methods.carve import Carve
+
+        res = Carve(**parse_method_args(args.method_args))(args.image, args.question, vlm=vlm)
+        print(res.answer)
+        print(f"original answer: {res.original_answer}", file=sys.stderr)
+        if args.heatmap:
+            res.save(args.heatmap, args.image)
+            print(f"heat map: {args.heatmap} (+ .refined.png, .contrast.png)", file=sys.stderr)
+        return 0
     with method_context(vlm, args.method, parse_method_args(args.method_args)):
         if args.heatmap or args.maps:
             with vlm.capture(layers=layers, rows="last") as rec:
@@ -84,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--maps", metavar="FILE", help="save the captured AttentionMaps (safetensors)")
     a.add_argument("--layers", default=None, help="layers for capture and heat map, e.g. 8-12 (default: all)")
     a.add_argument("--max-new-tokens", type=int, default=32)
-    a.add_argument("--method", default="none", help="intervention to apply (e.g. paint, vhr, var, vcd, pai)")
+    a.add_argument("--method", default="none", help="method to apply: carve, or an intervention (paint, vhr, var, vcd, pai)")
     a.add_argument("--method-args", default=None, help="k=v,... parameters of the method")
     a.set_defaults(func=_ask)
     e = sub.add_parser("explain", help="attention vs saliency (input x gradient, integrated gradients, occlusion)")
