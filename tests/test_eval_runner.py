@@ -103,7 +103,7 @@ def test_run_limit_seed_and_methods(tmp_path):
     res, vlm = run(FakeVLM(), items, tmp_path / "o", limit=3, seed=1, progress=False)
     assert list(res.answers) == ["q0", "q1", "q2"] and vlm.name == "fake-vlm"
     with pytest.raises(InputError, match="unknown method"):
-        run(FakeVLM(), items, tmp_path / "o", method="carve", progress=False)
+        run(FakeVLM(), items, tmp_path / "o", method="nosuchmethod", progress=False)
     assert runner.parse_method_args("alpha=0.5, k=3,flag=true,name=x,z=none") == {
         "alpha": 0.5, "k": 3, "flag": True, "name": "x", "z": None}
     with pytest.raises(InputError, match="key=value"):
@@ -284,3 +284,20 @@ def test_real_tiny_vlm_batch_size_invariance_and_prompt(tmp_path):
     assert res["model"] == "tiny-llava" and res["generation"]["max_new_tokens"] == 3
     assert res["generation"]["do_sample"] is False and "num_beams" in res["generation"]
     assert res["n_failed"] == 0 and res["metrics"]["average"]["n"] == 6
+
+
+def test_method_carve_runs_through_the_runner(tmp_path):
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny
+    from vlmkit.methods.carve import Carve
+    from vlmkit.models.vlm import VLM
+
+    vlm = VLM(*tiny.build("llava"), name="tiny-llava")
+    items = _items(tmp_path, n=3)
+    res, _ = run(vlm, items, tmp_path / "carve", batch_size=2, gen={"max_new_tokens": 3}, progress=False,
+                 method="carve", method_args={"keep_fraction": 0.3})
+    assert not res.errors and len(res.answers) == 3
+    direct = Carve(keep_fraction=0.3)
+    for it in items:
+        assert res.answers[it.id] == direct(it.image, it.question, vlm=vlm).answer

@@ -112,7 +112,7 @@ def method_context(vlm: Any, name: str | None, args: dict[str, Any] | None = Non
     Other names are built with ``vlmkit.attention.hooks.make_intervention(name, **args)`` and applied with
     ``vlm.intervene(...)``; an unknown name is an :class:`InputError` listing the available ones.
     """
-    if name in (None, "", "none"):
+    if name in (None, "", "none", "carve"):  # carve runs through method_model()
         return contextlib.nullcontext()
     try:
         from vlmkit.attention.hooks import make_intervention
@@ -125,6 +125,19 @@ def method_context(vlm: Any, name: str | None, args: dict[str, Any] | None = Non
     if not hasattr(vlm, "intervene"):
         raise InputError(f"--method {name}: model {getattr(vlm, 'name', vlm)!r} does not support interventions")
     return vlm.intervene(iv)
+
+
+def method_model(vlm: Any, name: str | None, args: dict[str, Any] | None = None) -> Any:
+    """The model the runner asks: ``vlm`` itself, or a CARVE wrapper for ``--method carve`` (a pipeline of several
+    passes rather than an attention edit)."""
+    if name != "carve":
+        return vlm
+    from vlmkit.methods.carve import Carve, CarveVLM
+
+    try:
+        return CarveVLM(vlm, Carve(**(args or {})))
+    except TypeError as e:
+        raise InputError(f"--method carve --method-args {args or {}}: {e}") from e
 
 
 def load_image(source: Any, max_pixels: int | None = None):
@@ -330,7 +343,8 @@ def _worker(factory: Callable[[], Any], items: list[EvalItem], out_dir: str, ran
         set_seed(seed)
     vlm = factory()
     with method_context(vlm, method, method_args):
-        run_items(vlm, items, out_dir, resume=True, filename=f"predictions.rank{rank}.jsonl", progress=rank == 0,
+        run_items(method_model(vlm, method, method_args), items, out_dir, resume=True,
+                  filename=f"predictions.rank{rank}.jsonl", progress=rank == 0,
                   desc=f"eval[{rank}]", **kwargs)
 
 
@@ -465,6 +479,7 @@ def run(vlm_or_factory: Any, items: Sequence[EvalItem], out_dir: str | Path, *, 
     vlm = vlm_or_factory if hasattr(vlm_or_factory, "ask_batch") else vlm_or_factory()
     rank, world = launcher_rank()
     with method_context(vlm, method, method_args):
+        model = method_model(vlm, method, method_args)
         if world > 1:  # started by accelerate launch / torchrun: this process is one shard
-            return run_launched(vlm, items, out_dir, rank, world, **kwargs), vlm
-        return run_items(vlm, items, out_dir, **kwargs), vlm
+            return run_launched(model, items, out_dir, rank, world, **kwargs), vlm
+        return run_items(model, items, out_dir, **kwargs), vlm

@@ -501,3 +501,24 @@ def carve(image, question: str, *, vlm=None, **params) -> CarveResult:
     :class:`Carve`. To reuse the general-instruction pass across questions on the same image, keep one
     :class:`Carve` object and call it."""
     return Carve(**params)(image, question, vlm=vlm)
+
+
+class CarveVLM:
+    """A VLM whose answers go through CARVE, for the eval runner (``vlmkit eval pope --method carve``).
+
+    One :class:`Carve` object serves the whole run, so its general-pass cache covers repeated images.
+    """
+
+    def __init__(self, vlm, carver: "Carve") -> None:
+        self.vlm, self.carver = vlm, carver
+        self.name = f"{getattr(vlm, 'name', 'vlm')}+carve"
+        self.generation = getattr(vlm, "generation", None)
+
+    def prompt(self, question: str) -> str:
+        return self.vlm.prompt(question)
+
+    def ask_batch(self, images, questions, **gen) -> list[str]:
+        return [self.carver(im, q, vlm=self.vlm).answer for im, q in zip(images, questions)]
+
+    def ask(self, image, question, **gen) -> str:
+        return self.ask_batch([image], [question], **gen)[0]
