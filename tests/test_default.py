@@ -1,0 +1,146 @@
+"""Embedded default model: tokenizer, questions, geometry, the shipped checkpoint, and the smoke recipe."""
+import json
+
+import numpy as np
+import pytest
+
+from vlmkit.data.scenes import generate_scene
+from vlmkit.default import CHECKPOINT_DIR
+from vlmkit.default.build import (GRID, N_IMAGE_TOKENS, build_model_and_processor, patch_coverage, prompt_text,
+                                  token_boxes)
+from vlmkit.default.qa import SKILLS, describe_answer, location_word, make_qa, negatives, ordered_names, pope_questions
+from vlmkit.default.tokenizer import build_tokenizer, unknown_words
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_skill_questions_and_answers_have_no_unknown_tokens(tok):
+    rng = np.random.default_rng(0)
+    seen = set()
+    for seed in range(40):
+        sc = generate_scene(seed, size=128)
+        for skill in SKILLS:
+            qa = make_qa(sc, rng, skill)
+            if qa is None:
+                continue
+            seen.add(skill)
+            assert unknown_words(tok, qa.question) == [], qa.question
+            assert unknown_words(tok, qa.answer) == [], qa.answer
+    assert seen == set(SKILLS)
+    assert unknown_words(tok, "Is there a Red Circle in the image?!") == []
+    assert unknown_words(tok, "What's the colour of the top-left object?") == []
+    assert unknown_words(tok, "Is there a banana?") == ["<unk>"]
+
+
+def test_tokenizer_decodes_lists_with_punctuation(tok):
+    ids = tok("red circle, blue star.</s>", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "red circle, blue star."
+
+
+def test_answers_match_the_ground_truth():
+    rng = np.random.default_rng(1)
+    for seed in range(30):
+        sc = generate_scene(seed, size=(150, 110))
+        names = sc.names
+        for _ in range(6):
+            qa = make_qa(sc, rng, "count")
+            assert int(qa.answer) == len(qa.targets)
+            qa = make_qa(sc, rng, "exist")
+            assert (qa.answer == "yes") == bool(qa.targets)
+        lst = make_qa(sc, rng, "list").answer.split(", ")
+        assert sorted(lst) == sorted(set(names))
+        xs = [min(o.center[0] for o in sc.objects if o.name == n) for n in lst]
+        assert xs == sorted(xs)
+        desc = describe_answer(sc)
+        assert desc.startswith("the image shows") and all(n.split()[0] in desc for n in names)
+    assert location_word((5, 5), 90, 90) == "top left"
+    assert location_word((45, 85), 90, 90) == "bottom"
+    assert location_word((30.5, 45), 90, 90, margin=0.04) is None
+
+
+def test_pope_sets_are_balanced_and_negatives_absent():
+    rng = np.random.default_rng(2)
+    for seed in range(20):
+        sc = generate_scene(seed, size=128)
+        present = set(sc.names)
+        for split in ("random", "popular", "adversarial"):
+            qs = pope_questions(sc, split, rng)
+            yes = [q for q in qs if q.answer == "yes"]
+            no = [q for q in qs if q.answer == "no"]
+            assert len(yes) == len(no) >= 1
+            assert all(q.question.split("a ", 1)[1].replace(" in the image?", "") not in present for q in no)
+    # adversarial negatives favour the prior's partners of present objects
+    class _S:  # a scene holding only a red circle
+        objects = [type("O", (), {"shape": "circle", "color": "red"})()]
+    assert negatives(_S, "adversarial", 1, rng) == ["red square"]
+
+
+def test_token_geometry_covers_the_whole_image():
+    boxes = token_boxes(200, 100)                       # padded to 200 x 200: rows 0-1 and 6-7 are mostly padding
+    assert boxes.shape == (N_IMAGE_TOKENS, 4)
+    assert boxes[:, 0].min() == 0 and boxes[:, 2].max() == 200 and boxes[:, 3].max() == 100
+    assert (boxes[:GRID, 3] <= boxes[:GRID, 1]).all()   # first row lies entirely on the top padding
+    m = np.zeros((100, 200), bool)
+    m[:, :25] = True                                    # left eighth of the image = first token column
+    cov = patch_coverage(m).reshape(GRID, GRID)
+    assert cov[2:6, 0].min() > 0.95 and cov[:, 1:].max() < 0.05
+
+
+def test_processor_shows_the_whole_image_as_64_tokens():
+    model, proc = build_model_and_processor()
+    assert proc.image_processor.do_pad and not proc.image_processor.do_center_crop
+    assert model.config.vision_feature_layer == -1 and model.config.vision_feature_select_strategy == "default"
+    img = generate_scene(3, size=(180, 96)).image
+    enc = proc(images=img, text=prompt_text("Is there a red circle in the image?"), return_tensors="pt")
+    assert tuple(enc["pixel_values"].shape) == (1, 3, 96, 96)
+    assert int((enc["input_ids"] == model.config.image_token_id).sum()) == N_IMAGE_TOKENS
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    assert proc.apply_chat_template(msgs, add_generation_prompt=True) == prompt_text("Describe the image.")
+
+
+@pytest.mark.skipif(not (CHECKPOINT_DIR / "config.json").is_file(), reason="default checkpoint not shipped yet")
+def test_shipped_checkpoint_loads_with_plain_transformers_and_answers():
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(str(CHECKPOINT_DIR)).eval()
+    proc = AutoProcessor.from_pretrained(str(CHECKPOINT_DIR))
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    total = sum(p.stat().st_size for p in CHECKPOINT_DIR.rglob("*") if p.is_file())
+    assert total <= 40 * 2 ** 20
+    metrics = json.loads((CHECKPOINT_DIR / "metrics.json").read_text())
+    assert {"random", "popular", "adversarial"} <= set(metrics["pope"])
+    sc = generate_scene(5_900_001, size=160, n_objects=3, style="plain")
+    present = sc.objects[0].name
+    absent = next(n for n in ("purple hexagon", "orange heart", "white star", "black diamond") if n not in sc.names)
+    qs = [f"Is there a {present} in the image?", f"Is there a {absent} in the image?"]
+    proc.tokenizer.padding_side = "left"
+    enc = proc(images=[sc.image, sc.image], text=[prompt_text(q) for q in qs], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    answers = [a.strip() for a in proc.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                                              skip_special_tokens=True)]
+    assert all(a in ("yes", "no") for a in answers), answers
+    if metrics["pope"]["random"]["accuracy"] >= 0.9:
+        assert answers == ["yes", "no"]
+
+
+@pytest.mark.slow
+def test_smoke_recipe_trains_saves_resumes_and_evaluates(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlmkit.default.train import train
+
+    m = train(tmp_path / "model", minutes=0.08, smoke=True, run_dir=tmp_path / "run", n_scenes=24, eval_images=4,
+              log=lambda *_: None)
+    assert (tmp_path / "run" / "ckpt.pt").is_file()
+    assert json.loads((tmp_path / "model" / "metrics.json").read_text())["pope"]["random"]["n"] > 0
+    assert 0 <= m["pope"]["adversarial"]["accuracy"] <= 1 and m["training"]["stage_b_steps"] > 0
+    AutoModelForImageTextToText.from_pretrained(str(tmp_path / "model"))
+    AutoProcessor.from_pretrained(str(tmp_path / "model"))
+    m2 = train(tmp_path / "model2", minutes=0.08, smoke=True, resume=True, run_dir=tmp_path / "run", n_scenes=24,
+               eval_images=4, log=lambda *_: None)
+    assert m2["training"]["stage_b_steps"] >= m["training"]["stage_b_steps"]

@@ -1,0 +1,54 @@
+"""``vlmkit train-default``: reproduce the embedded default model from scratch (see :mod:`vlmkit.default.train`)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).parent / "checkpoints" / "scenes-llava"
+
+
+def _train(args) -> int:
+    import torch
+
+    from vlmkit.default.train import train
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
+    minutes = args.minutes if args.minutes is not None else (0.7 if args.smoke else 68.0)
+    out = args.out or (Path(args.run_dir) / "smoke-model" if args.smoke else DEFAULT_OUT)
+    train(out, minutes=minutes, smoke=args.smoke, resume=args.resume, run_dir=args.run_dir,
+          n_scenes=args.scenes, eval_images=args.eval_images, steps_a=args.steps_a,
+          steps_b=args.steps_b)
+    print(f"saved model + metrics.json to {out}")
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    """Register ``train-default`` on an ``argparse`` sub-parsers object."""
+    p = subparsers.add_parser("train-default", help="train the embedded default model from scratch",
+                              description="Train the small LLaVA default model on generated scenes "
+                                          "(two stages, time-budgeted), save it and evaluate it on held-out scenes.")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output directory (default: the packaged checkpoint {DEFAULT_OUT}; with --smoke: "
+                        "RUN_DIR/smoke-model)")
+    p.add_argument("--smoke", action="store_true", help="tiny run (~1 minute) to check the recipe end to end")
+    p.add_argument("--minutes", type=float, default=None, help="training budget in minutes (default 68; smoke 0.7)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
+    p.add_argument("--run-dir", default="runs/default", help="scratch dir for checkpoints (default runs/default)")
+    p.add_argument("--scenes", type=int, default=None, help="training scenes (default 6000; smoke 300)")
+    p.add_argument("--eval-images", type=int, default=None, help="held-out scenes to evaluate on (default 200)")
+    p.add_argument("--steps-a", type=int, default=None, help="fix stage A to this many steps (overrides time)")
+    p.add_argument("--steps-b", type=int, default=None, help="fix stage B to this many steps (overrides time)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.set_defaults(func=_train)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vlmkit-default")
+    add_parsers(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,326 @@
+"""Training recipe of the embedded default model (``vlmkit train-default``).
+
+Stage A (25% of the budget): dense per-patch pre-training of the vision tower alone. Linear heads on each of
+the 64 patch features of the last layer predict the colour (8 + background) and shape (8 + background) of the object
+covering the patch and whether it holds an object's centre. Random horizontal flips.
+
+Stage B (the rest): the tower is frozen (its features are cached); projector + language model learn every skill from
+1-3 turn conversations (loss on the answer tokens), plus an auxiliary attention loss: at the row that predicts each
+answer's first token, the head-mean attention of language-model layers :data:`ATTN_LAYERS` over the 64 image tokens
+should fall on the patches of the objects the question is about (``-log`` of the fraction that does), weight
+:data:`ATTN_WEIGHT`. Questions without such objects (absent objects, list, describe) get no attention loss.
+
+Data: scenes of the seeds ``TRAIN_SEED0 + i``; evaluation uses :data:`vlmkit.default.evaluate.EVAL_SEED0` onwards,
+never used here. Checkpoints every two minutes under ``runs/`` make the run resumable (``--resume``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vlmkit.data.scenes import COLORS, SHAPES, generate_scene
+from vlmkit.default.build import GRID, N_IMAGE_TOKENS, build_model_and_processor, pad_geometry, patch_coverage
+from vlmkit.default.qa import conversation
+
+TRAIN_SEED0 = 1_000_000
+ATTN_LAYERS = (1, 2)
+ATTN_WEIGHT = 1.0
+IMG_START = 2                  # "user", ":" then the 64 image tokens
+CKPT_EVERY_S = 120
+BATCH_A, BATCH_B = 32, 32
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    box: tuple
+    center: tuple
+
+
+@dataclass
+class Record:
+    """A training scene without pixels: ``coverage`` is float [n_objects, 64] (object share of each token cell)."""
+    width: int
+    height: int
+    objects: list
+    coverage: np.ndarray
+
+
+def _scene_size(rng: np.random.Generator, smoke: bool) -> tuple[int, int]:
+    w = int(rng.integers(96, 200 if smoke else 385))
+    h = int(np.clip(w * rng.choice([1.0, 1.0, 0.75, 1.33, 0.6, 1.6]), 96, 512))
+    return w, h
+
+
+def build_pool(n: int, processor, *, smoke: bool = False, seed0: int = TRAIN_SEED0, desc: str = "scenes"):
+    """Render ``n`` training scenes. Returns (pixels uint8 [n, 3, 96, 96] after pad + resize, colour / shape /
+    centre labels int64 [n, 64] (-100 = ambiguous cell), records)."""
+    ip = processor.image_processor
+    pix, col, shp, cen, recs = [], [], [], [], []
+    for i in tqdm(range(n), desc=desc, mininterval=5):
+        seed = seed0 + i
+        rng = np.random.default_rng([seed, 1])
+        sc = generate_scene(seed, size=_scene_size(rng, smoke))
+        w, h = sc.image.size
+        x = ip(images=sc.image, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0]
+        pix.append(x.round().clamp(0, 255).to(torch.uint8))
+        cov = np.stack([patch_coverage(o.mask) for o in sc.objects]).astype(np.float32)
+        best, arg = cov.max(0), cov.argmax(0)
+        c = np.where(best >= 0.25, np.array([COLORS.index(o.color) + 1 for o in sc.objects])[arg], 0)
+        s = np.where(best >= 0.25, np.array([SHAPES.index(o.shape) + 1 for o in sc.objects])[arg], 0)
+        amb = (best >= 0.06) & (best < 0.25)
+        c[amb], s[amb] = -100, -100
+        side, ox, oy = pad_geometry(w, h)
+        ce = np.zeros(N_IMAGE_TOKENS, np.int64)
+        objs = []
+        for o in sc.objects:
+            cx, cy = o.center
+            r, q = min(GRID - 1, int((cy + oy) / side * GRID)), min(GRID - 1, int((cx + ox) / side * GRID))
+            ce[r * GRID + q] = 1
+            objs.append(Obj(o.shape, o.color, o.box, (cx, cy)))
+        col.append(c), shp.append(s), cen.append(ce)
+        recs.append(Record(w, h, objs, cov.astype(np.float16)))
+    return (torch.stack(pix), torch.as_tensor(np.stack(col)), torch.as_tensor(np.stack(shp)),
+            torch.as_tensor(np.stack(cen)), recs)
+
+
+def normalize(pix_u8: torch.Tensor, processor) -> torch.Tensor:
+    """uint8 [B, 3, 96, 96] -> float pixel_values exactly as the processor makes them."""
+    ip = processor.image_processor
+    mean = torch.tensor(ip.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(ip.image_std).view(1, 3, 1, 1)
+    return (pix_u8.float() / 255.0 - mean) / std
+
+
+class Tokens:
+    """Cached word-level encoding of prompt pieces (the tokenizer is pure word lookup, so pieces concatenate)."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.cache = tokenizer, {}
+        self.image_id = tokenizer.convert_tokens_to_ids("<image>")
+
+    def __call__(self, text: str) -> list[int]:
+        if text not in self.cache:
+            self.cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.cache[text]
+
+
+def encode_conversation(turns, tokens: Tokens, record: Record):
+    """ids, labels (-100 outside answers), [(row, target cell mask [64])] for the attention loss."""
+    ids, labels, rows = [], [], []
+    for t, qa in enumerate(turns):
+        head = tokens("USER:") + ([tokens.image_id] * N_IMAGE_TOKENS if t == 0 else []) + tokens(qa.question) \
+            + tokens("ASSISTANT:")
+        ids += head
+        labels += [-100] * len(head)
+        if qa.targets:
+            cov = record.coverage[qa.targets].astype(np.float32).max(0)
+            tgt = cov >= 0.15
+            tgt[int(cov.argmax())] = True
+            rows.append((len(ids) - 1, tgt))
+        ans = tokens(qa.answer) + [tokens.tok.eos_token_id]
+        ids += ans
+        labels += ans
+    return ids, labels, rows
+
+
+def _lr(frac: float, base: float, warm: float = 0.05) -> float:
+    if frac < warm:
+        return base * frac / warm
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - warm) / (1 - warm)))))
+
+
+def lm_forward(model, feats: torch.Tensor, ids: torch.Tensor, am: torch.Tensor, attn: bool):
+    """Language-model pass on cached tower features [B, 65, 128] (CLS first), as the LLaVA forward does it."""
+    proj = model.model.multi_modal_projector(feats[:, 1:])
+    emb = model.get_input_embeddings()(ids)
+    emb = torch.cat([emb[:, :IMG_START], proj.to(emb.dtype), emb[:, IMG_START + N_IMAGE_TOKENS:]], 1)
+    out = model.model.language_model(inputs_embeds=emb, attention_mask=am, output_attentions=attn)
+    return model.lm_head(out.last_hidden_state), out.attentions
+
+
+def _save_ckpt(path: Path, state: dict):
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool = False, run_dir="runs/default",
+          n_scenes: int | None = None, eval_images: int | None = None, seed: int = 0,
+          steps_a: int | None = None, steps_b: int | None = None, log=print) -> dict:
+    """Train from scratch (or resume), save the model + processor into ``out_dir``, evaluate, write metrics.json.
+
+    The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
+    of optimiser steps of a stage (then its learning-rate schedule runs over steps, and time does not matter).
+    Resuming a finished run with a larger budget continues stage B.
+    """
+    from vlmkit.default.evaluate import evaluate
+
+    t_start = time.time()
+    torch.manual_seed(seed)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run / "ckpt.pt"
+    model, processor = build_model_and_processor(seed)
+    model.set_attn_implementation("eager")
+    tok = Tokens(processor.tokenizer)
+    n = n_scenes or (300 if smoke else 6000)
+    budget = minutes * 60.0
+    budget_a, budget_b = 0.25 * budget, 0.75 * budget
+    heads = torch.nn.ModuleDict({"color": torch.nn.Linear(128, 9), "shape": torch.nn.Linear(128, 9),
+                                 "center": torch.nn.Linear(128, 1)})
+    state = {"stage": "A", "elapsed": 0.0, "step": 0}
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"]), heads.load_state_dict(ck["heads"])
+        state = ck["state"]
+        log(f"resumed from {ckpt_path}: stage {state['stage']} step {state['step']} ({state['elapsed']:.0f}s)")
+    model.to(dev), heads.to(dev)
+    pool_path = run / f"pool_{n}{'_smoke' if smoke else ''}.pt"
+    if pool_path.exists():
+        pix, col, shp, cen, recs = torch.load(pool_path, map_location="cpu", weights_only=False)
+    else:
+        pix, col, shp, cen, recs = build_pool(n, processor, smoke=smoke)
+        _save_ckpt(pool_path, (pix, col, shp, cen, recs))
+    log(f"pool: {n} scenes in {time.time() - t_start:.0f}s")
+    tower = model.model.vision_tower
+    # ---------------------------------------------------------------- stage A: dense per-patch tower pre-training
+    if state["stage"] == "A":
+        params = list(tower.parameters()) + list(heads.parameters())
+        opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+        if resume and ckpt_path.exists() and "opt" in ck and ck["state"]["stage"] == "A":
+            opt.load_state_dict(ck["opt"])
+        bar = tqdm(total=int(budget_a), desc="stage A (vision tower)", unit="s", initial=int(state["elapsed"]))
+        t0, last_ck, g = time.time() - state["elapsed"], time.time(), torch.Generator().manual_seed(seed + state["step"])
+        while (state["step"] < steps_a) if steps_a else (time.time() - t0 < budget_a):
+            frac = state["step"] / steps_a if steps_a else (time.time() - t0) / budget_a
+            for grp in opt.param_groups:
+                grp["lr"] = _lr(frac, 2e-3)
+            idx = torch.randint(0, n, (BATCH_A,), generator=g)
+            x, c, s, ce = pix[idx], col[idx], shp[idx], cen[idx]
+            flip = torch.rand(BATCH_A, generator=g) < 0.5
+            x[flip] = x[flip].flip(-1)
+            for lab in (c, s, ce):
+                lab[flip] = lab[flip].view(-1, GRID, GRID).flip(-1).reshape(-1, N_IMAGE_TOKENS)
+            hs = tower(normalize(x, processor).to(dev)).last_hidden_state[:, 1:]
+            loss = (F.cross_entropy(heads["color"](hs).flatten(0, 1), c.flatten().to(dev), ignore_index=-100)
+                    + F.cross_entropy(heads["shape"](hs).flatten(0, 1), s.flatten().to(dev), ignore_index=-100)
+                    + 0.5 * F.binary_cross_entropy_with_logits(heads["center"](hs).squeeze(-1), ce.float().to(dev)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            state["step"] += 1
+            bar.n = int(time.time() - t0)
+            bar.set_postfix(loss=f"{loss.item():.3f}", step=state["step"], refresh=False)
+            bar.update(0)
+            if state["step"] % 50 == 0:
+                log(f"A step {state['step']} loss {loss.item():.4f} t {time.time() - t0:.0f}s")
+            if time.time() - last_ck > CKPT_EVERY_S:
+                state["elapsed"] = time.time() - t0
+                _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(),
+                                       "opt": opt.state_dict(), "state": dict(state)})
+                last_ck = time.time()
+        bar.close()
+        state = {"stage": "B", "elapsed": 0.0, "step": 0, "steps_a": state["step"], "stage_a": _patch_accuracy(tower, heads, pix, col, shp,
+                                                                                    processor, dev)}
+        log(f"stage A done: {state['stage_a']}")
+        _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "state": dict(state)})
+    # ---------------------------------------------------------------- stage B: QA + attention loss, frozen tower
+    tower.requires_grad_(False)
+    with torch.no_grad():
+        feats = torch.cat([tower(normalize(pix[i:i + 256], processor).to(dev)).last_hidden_state.cpu()
+                           for i in range(0, n, 256)])
+    params = [p for nm, p in model.named_parameters() if "vision_tower" not in nm]
+    opt = torch.optim.AdamW(params, lr=1.5e-3, weight_decay=0.01)
+    fresh_from = state["step"]          # a new optimiser mid-stage (no saved state) warms up over 50 steps
+    if resume and ckpt_path.exists() and "opt" in ck and ck["state"]["stage"] in ("B", "done") and state["step"] > 0:
+        opt.load_state_dict(ck["opt"])
+        fresh_from = -10**9
+    rng = np.random.default_rng([seed, 99, state["step"]])
+    bar = tqdm(total=int(budget_b), desc="stage B (QA + attention)", unit="s", initial=int(state["elapsed"]))
+    t0, last_ck = time.time() - state["elapsed"], time.time()
+    pad = processor.tokenizer.pad_token_id
+    while (state["step"] < steps_b) if steps_b else (time.time() - t0 < budget_b):
+        frac = state["step"] / steps_b if steps_b else (time.time() - t0) / budget_b
+        for grp in opt.param_groups:
+            grp["lr"] = _lr(frac, 1.5e-3) * min(1.0, (state["step"] - fresh_from + 1) / 50)
+        idx = rng.integers(0, n, BATCH_B)
+        seqs = [encode_conversation(conversation(recs[i], rng), tok, recs[i]) for i in idx]
+        L = max(len(s[0]) for s in seqs)
+        ids = torch.full((len(seqs), L), pad)
+        lab = torch.full((len(seqs), L), -100)
+        am = torch.zeros((len(seqs), L), dtype=torch.long)
+        for b, (si, sl, _) in enumerate(seqs):
+            ids[b, :len(si)], lab[b, :len(sl)], am[b, :len(si)] = torch.tensor(si), torch.tensor(sl), 1
+        logits, attns = lm_forward(model, feats[torch.as_tensor(idx)].to(dev), ids.to(dev), am.to(dev), True)
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten().to(dev), ignore_index=-100)
+        bi, ri, tg = [], [], []
+        for b, (_, _, rows) in enumerate(seqs):
+            for r, t in rows:
+                bi.append(b), ri.append(r), tg.append(t)
+        al = torch.zeros((), device=dev)
+        if bi:
+            tgt = torch.as_tensor(np.stack(tg), dtype=torch.float32, device=dev)
+            for layer in ATTN_LAYERS:
+                a = attns[layer][bi, :, ri, IMG_START:IMG_START + N_IMAGE_TOKENS].mean(1)   # [Q, 64]
+                al = al + (-torch.log((a * tgt).sum(-1) / (a.sum(-1) + 1e-8) + 1e-6)).mean() / len(ATTN_LAYERS)
+        loss = ce + ATTN_WEIGHT * al
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state["step"] += 1
+        bar.n = int(time.time() - t0)
+        bar.set_postfix(ce=f"{ce.item():.3f}", attn=f"{al.item():.3f}", step=state["step"], refresh=False)
+        bar.update(0)
+        if state["step"] % 50 == 0:
+            log(f"B step {state['step']} ce {ce.item():.4f} attn {al.item():.4f} t {time.time() - t0:.0f}s")
+        if time.time() - last_ck > CKPT_EVERY_S:
+            state["elapsed"] = time.time() - t0
+            _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
+                                   "state": dict(state)})
+            last_ck = time.time()
+    bar.close()
+    state["elapsed"], state["stage"] = time.time() - t0, "done"
+    _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
+                           "state": dict(state)})
+    # ---------------------------------------------------------------- save + held-out evaluation
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.set_attn_implementation("sdpa")
+    model.to("cpu").save_pretrained(out)
+    processor.save_pretrained(out)
+    train_info = {"minutes_budget": minutes, "smoke": smoke, "n_train_scenes": n, "train_seeds": [TRAIN_SEED0,
+                  TRAIN_SEED0 + n - 1], "stage_a": state.get("stage_a"), "stage_a_steps": state.get("steps_a"), "stage_b_steps": state["step"],
+                  "stage_b_minutes": round(state["elapsed"] / 60, 2),
+                  "attn_layers": list(ATTN_LAYERS), "attn_weight": ATTN_WEIGHT, "device": str(dev),
+                  "wall_s_train": round(time.time() - t_start, 1)}
+    metrics = evaluate(out, n_images=eval_images or (24 if smoke else 200), log=log)
+    metrics["training"] = train_info
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    log(json.dumps({k: v for k, v in metrics.items() if k != "pointing"}, indent=1))
+    return metrics
+
+
+@torch.no_grad()
+def _patch_accuracy(tower, heads, pix, col, shp, processor, dev, k: int = 512) -> dict:
+    """Stage-A per-patch colour+shape accuracy on the last ``k`` pool scenes (overall and on object cells)."""
+    x = normalize(pix[-k:], processor).to(dev)
+    hs = tower(x).last_hidden_state[:, 1:]
+    c, s = heads["color"](hs).argmax(-1).cpu(), heads["shape"](hs).argmax(-1).cpu()
+    cc, ss = col[-k:], shp[-k:]
+    ok = (c == cc) & (s == ss)
+    valid, obj = cc >= 0, cc > 0
+    return {"patch_acc_all": round(float(ok[valid].float().mean()), 4),
+            "patch_acc_object": round(float(ok[obj].float().mean()), 4)}
