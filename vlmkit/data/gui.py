@@ -102,7 +102,7 @@ class Screen:
 def draw_icon(d: ImageDraw.ImageDraw, name: str, box: tuple[int, int, int, int], color) -> None:
     """Draw pictogram ``name`` inside ``box`` (x1, y1, x2, y2) with line/fill ``color``."""
     x1, y1, x2, y2 = box
-    w, h = x2 - x1, y2 - y1
+    w = x2 - x1
     m = max(2, w // 6)
     a, b, c, e = x1 + m, y1 + m, x2 - m, y2 - m
     cx, cy, r = (x1 + x2) / 2, (y1 + y2) / 2, (c - a) / 2

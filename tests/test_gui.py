@@ -1,0 +1,89 @@
+"""Generated GUI screenshots: layouts, targets, pictograms, ScreenSpot-v2 annotations and the data CLI."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from vlmkit.data import gui
+from vlmkit.eval import screenspot as ss
+
+
+@pytest.mark.parametrize("platform", gui.PLATFORMS)
+def test_every_template_renders_valid_unique_targets(platform):
+    for t in range(gui.N_TEMPLATES):
+        s = gui.render_screen(platform, t, seed=3)
+        W, H = s.image.size
+        assert (W, H) == gui.SIZES[platform]
+        assert len(s.targets) >= 5, (platform, t)
+        names = [x.name.lower() for x in s.targets]
+        assert len(names) == len(set(names)), f"duplicate target on {platform} template {t}: {names}"
+        for x in s.targets:
+            x1, y1, x2, y2 = x.box
+            assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, x
+            assert min(x2 - x1, y2 - y1) >= gui.MIN_SIDE, x
+
+
+def test_vocabulary_sizes_and_icons_are_distinct_pictograms():
+    assert len(set(gui.WORDS)) >= 40
+    assert len(gui.ICONS) >= 20
+    drawn = {}
+    for name in gui.ICONS:
+        im = Image.new("RGB", (24, 24), (0, 0, 0))
+        gui.draw_icon(ImageDraw.Draw(im), name, (0, 0, 24, 24), (255, 0, 0))
+        a = np.asarray(im)[..., 0] > 0
+        assert 10 < a.sum() < 24 * 24, name
+        drawn[name] = a
+    names = list(drawn)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert (drawn[a] != drawn[b]).sum() > 10, f"icons {a} and {b} look the same"
+    with pytest.raises(Exception, match="unknown icon"):
+        gui.draw_icon(ImageDraw.Draw(Image.new("RGB", (8, 8))), "nope", (0, 0, 8, 8), (1, 1, 1))
+
+
+def test_render_is_deterministic_and_seed_dependent():
+    a = gui.render_screen("web", 1, 5).image.tobytes()
+    assert a == gui.render_screen("web", 1, 5).image.tobytes()
+    assert a != gui.render_screen("web", 1, 6).image.tobytes()
+
+
+def test_build_set_writes_screenspot_v2_that_the_loader_reads(tmp_path):
+    paths = gui.build_set(tmp_path, screens_per_template=2, templates="heldout", seed=1)
+    assert set(paths) == set(gui.PLATFORMS)
+    samples, errors, formats = ss.load_screenspot(tmp_path)
+    assert not errors and samples
+    assert all(f.dataset == "v2" and f.box == "xywh_px" for f in formats.values())
+    rows = [r for p in paths.values() for r in json.loads(p.read_text())]
+    assert {r["template"] for r in rows} == set(range(gui.TRAIN_TEMPLATES, gui.N_TEMPLATES))
+    assert {r["data_type"] for r in rows} == {"text", "icon"}
+    assert {s.platform for s in samples} == set(gui.PLATFORMS)
+    for r in rows:
+        assert set(r) >= {"img_filename", "bbox", "instruction", "data_type", "data_source"}
+        assert r["data_source"] in gui.SOURCES[next(p for p in gui.PLATFORMS if p in r["img_filename"])]
+    # boxes read back as the rendered targets, and a text instruction names its target
+    s = samples[0]
+    W, H = ss.image_size(s, ss.default_images_dir(tmp_path))
+    assert (W, H) == gui.SIZES[s.platform]
+    for r in rows:
+        if r["data_type"] == "text":
+            assert any(w.lower() in r["instruction"].lower() for w in gui.WORDS + gui.FIELDS + gui.CHECKS + gui.MENUS)
+
+
+def test_train_and_heldout_templates_are_disjoint(tmp_path):
+    tr = gui.build_set(tmp_path / "tr", screens_per_template=1, templates="train")
+    rows = [r for p in tr.values() for r in json.loads(p.read_text())]
+    assert max(r["template"] for r in rows) < gui.TRAIN_TEMPLATES
+    with pytest.raises(Exception, match="templates"):
+        gui.build_set(tmp_path / "x", templates="bogus")
+
+
+def test_data_screenspot_cli(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    gui.add_data_screenspot(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["screenspot", "--out", str(tmp_path), "--screens", "1", "--seed", "2"])
+    assert args.func(args) == 0
+    assert (tmp_path / "screenspot_mobile_v2.json").is_file()
+    assert "instructions" in capsys.readouterr().out
