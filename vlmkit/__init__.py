@@ -48,6 +48,20 @@ def carve(image, question: str, *, vlm=None, **params):
     return _carve(image, question, vlm=vlm, **params)
 
 
+def detect(image, *, vlm=None, **params):
+    """VL-SAM open-ended detection and segmentation (see :mod:`vlmkit.grounding.vlsam`); ``list[Detection]``."""
+    from vlmkit.grounding.vlsam import detect as _detect
+
+    return _detect(image, vlm=vlm, **params)
+
+
+def ground(image, instruction: str, *, vlm=None, **params):
+    """GUI grounding with the V2P pointer head (see :mod:`vlmkit.grounding.v2p`); a ``GroundingResult``."""
+    from vlmkit.grounding.v2p import ground as _ground
+
+    return _ground(image, instruction, vlm=vlm, **params)
+
+
 def explain(image, question: str, *, vlm=None, **params):
     """Attention vs saliency for the first answer token (see :mod:`vlmkit.methods.saliency`)."""
     from vlmkit.methods.saliency import explain as _explain
@@ -56,4 +70,4 @@ def explain(image, question: str, *, vlm=None, **params):
 
 
 __all__ = ["AttentionMaps", "Generation", "InputError", "LayoutError", "ModelLoadError", "VLM", "VlmkitError", "ask",
-           "carve", "explain", "load", "__version__"]
+           "carve", "detect", "explain", "ground", "load", "__version__"]

@@ -9,7 +9,8 @@ import sys
 from vlmkit.errors import VlmkitError
 
 #: modules that contribute sub-commands; each exposes ``add_parsers(subparsers)``.
-COMMAND_MODULES = ("vlmkit.eval.cli", "vlmkit.default.cli", "vlmkit.app")
+COMMAND_MODULES = ("vlmkit.eval.cli", "vlmkit.default.cli", "vlmkit.grounding.cli", "vlmkit.grounding.gui_cli",
+                   "vlmkit.app")
 
 
 def parse_layers(spec: str | None) -> list[int] | None:
