@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default="runs/methods_table")
     ap.add_argument("--seed", type=int, default=424242, help="scene seeds (held out from training)")
+    ap.add_argument("--chair-prompt", default="Describe the image.", help="the embedded model's trained wording")
     args = ap.parse_args()
 
     import vlmkit
@@ -59,7 +60,8 @@ def main() -> None:
         cl = eval_pope(parser.parse_args(["eval", "pope", "--data", str(clutter), "--split", "random", "--out",
                                           str(out / method / "clutter"), "--images", str(clutter.parent / "images"),
                                           *common[:-2]]), vlm)
-        ch = eval_chair(parser.parse_args(["eval", "chair", "--out", str(out / method / "chair"), *common]), vlm)
+        ch = eval_chair(parser.parse_args(["eval", "chair", "--out", str(out / method / "chair"), "--prompt",
+                                           args.chair_prompt, *common]), vlm)
         m = pope["metrics"]
         rows.append({"method": method, "seconds": time.perf_counter() - t0,
                      "qps": pope["questions_per_s"],

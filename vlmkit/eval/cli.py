@@ -234,7 +234,7 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--prompt", default=None,
                    help={"pope": "question template with {question}, e.g. '{question} Answer yes or no.'",
-                         "chair": f"caption request (default {CHAIR_PROMPT!r})",
+                         "chair": f"caption request (default {CHAIR_PROMPT!r}; the embedded model was trained on \"Describe the image.\")",
                          "screenspot": "question template with {instruction}"}[task])
     p.set_defaults(func=_command(task))
 
