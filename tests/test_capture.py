@@ -5,7 +5,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import tiny
 from vlmkit.models.vlm import VLM
@@ -14,8 +13,7 @@ Q1 = "is there a red circle in the image ?"
 Q2 = "what color ?"
 
 
-def _img(w, h, seed=0):
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+_img = tiny.random_image
 
 
 @pytest.fixture(scope="module", params=tiny.FAMILIES)

@@ -17,8 +17,7 @@ Q1, Q2 = "is there a red circle in the image ?", "what color is the square ?"
 N = 4  # max_new_tokens: short answers keep the file fast
 
 
-def _img(w, h, seed=0):
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+_img = tiny.random_image
 
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl"])

@@ -1,9 +1,7 @@
 """Second-branch methods: VCD (noised image) and PAI's text-only CFG, each with its own KV cache."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import tiny
 from vlmkit.attention.hooks import Intervention, make_intervention
@@ -15,8 +13,7 @@ from vlmkit.models.vlm import VLM
 Q = "is there a red circle in the image ?"
 
 
-def _img(w, h, seed=0):
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+_img = tiny.random_image
 
 
 class Scores(Intervention):

@@ -8,7 +8,7 @@ from vlmkit.data.scenes import generate_scene
 from vlmkit.default import CHECKPOINT_DIR
 from vlmkit.default.build import (GRID, N_IMAGE_TOKENS, build_model_and_processor, patch_coverage, prompt_text,
                                   token_boxes)
-from vlmkit.default.qa import SKILLS, describe_answer, location_word, make_qa, negatives, ordered_names, pope_questions
+from vlmkit.default.qa import SKILLS, describe_answer, location_word, make_qa, negatives, pope_questions
 from vlmkit.default.tokenizer import build_tokenizer, unknown_words
 
 

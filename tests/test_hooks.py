@@ -1,9 +1,7 @@
 """The intervention mechanism: neutral edits change nothing, masks stay masked, edits compose, models restored."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import tiny
 from vlmkit.attention.backend import allowed_mask, edited_rows
@@ -13,8 +11,7 @@ from vlmkit.models.vlm import VLM
 Q = "is there a red circle in the image ?"
 
 
-def _img(w, h, seed=0):
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+_img = tiny.random_image
 
 
 class LogitEdit(Intervention):

@@ -17,8 +17,7 @@ from vlmkit.models.vlm import VLM
 Q = "is there a red circle in the image ?"
 
 
-def _img(w, h, seed=0):
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+_img = tiny.random_image
 
 
 class Probe(Intervention):

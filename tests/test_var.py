@@ -4,10 +4,8 @@ visual non-sinks, masked entries stay 0, the model is restored."""
 
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import tiny
 from vlmkit.attention.hooks import Intervention
@@ -19,8 +17,7 @@ QS = ["what color is the circle ?", "is there a red square in the image ?"]
 DIMS = (5, 17)
 
 
-def _img(w, h, seed=0):
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+_img = tiny.random_image
 
 
 IMGS = [_img(30, 20), _img(20, 34, 1)]

@@ -2,10 +2,8 @@
 selected layer by layer, generation scales exactly the heads fixed at the first step, the model is restored."""
 
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import tiny
 from vlmkit.attention.hooks import Batch, Intervention
@@ -17,8 +15,7 @@ from vlmkit.models.vlm import VLM
 QS = ["what color is the circle ?", "is there a red square in the image ?"]
 
 
-def _img(w, h, seed=0):
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+_img = tiny.random_image
 
 
 IMGS = [_img(30, 20), _img(20, 34, 1)]

@@ -22,8 +22,7 @@ from vlmkit.grounding.vlsam import Detection, detect, draw_detections, to_coco  
 Q = "what color is the red circle ?"
 
 
-def _img(w, h, seed=0):
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+_img = tiny.random_image
 
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl"])

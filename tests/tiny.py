@@ -232,3 +232,11 @@ FAMILIES = tuple(BUILDERS)
 def build(family: str, **kwargs):
     """``(model, processor)`` for a tiny random-weight model of ``family``."""
     return BUILDERS[family](**kwargs)
+
+
+def random_image(w: int, h: int, seed: int = 0):
+    """A ``w x h`` RGB PIL image of uniform noise (seeded)."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
