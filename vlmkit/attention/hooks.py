@@ -67,6 +67,15 @@ def resolve_layers(spec, num_layers: int) -> list[int]:
     return sorted(out)
 
 
+def per_row(t: torch.Tensor, rows: int, what: str = "intervention") -> torch.Tensor:
+    """Repeat a per-sample ``[B, ...]`` tensor for ``rows`` batch rows (beam search expands each sample)."""
+    if t.shape[0] == rows:
+        return t
+    if rows % t.shape[0]:
+        raise RuntimeError(f"{what}: batch of {rows} rows does not match the {t.shape[0]} prompts")
+    return t.repeat_interleave(rows // t.shape[0], dim=0)
+
+
 @dataclass
 class Batch:
     """Context of one ``generate`` call, shared by capture and interventions (positions are padded)."""

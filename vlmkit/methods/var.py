@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmkit.attention.hooks import Batch, Intervention, Site, register_intervention, resolve_layers
+from vlmkit.attention.hooks import Batch, Intervention, Site, per_row, register_intervention, resolve_layers
 from vlmkit.errors import InputError
 from vlmkit.methods.vhr import side_forward
 
@@ -152,11 +152,7 @@ class _CallState:
 
 
 def _per_row(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] == rows:
-        return t
-    if rows % t.shape[0]:
-        raise RuntimeError(f"VAR: batch of {rows} rows does not match the {t.shape[0]} prompts")
-    return t.repeat_interleave(rows // t.shape[0], dim=0)
+    return per_row(t, rows, "VAR")
 
 
 @register_intervention("var")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmkit.attention.hooks import Batch, Intervention, Site, register_intervention, resolve_layers
+from vlmkit.attention.hooks import Batch, Intervention, Site, per_row, register_intervention, resolve_layers
 from vlmkit.errors import InputError
 from vlmkit.models._layout import Layout
 
@@ -158,13 +158,8 @@ class _Measure:
     selected: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _per_row(factor: torch.Tensor, rows: int) -> torch.Tensor:
-    """Repeat a per-sample ``[B, ...]`` tensor for ``rows`` batch rows (beam search expands each sample)."""
-    if factor.shape[0] == rows:
-        return factor
-    if rows % factor.shape[0]:
-        raise RuntimeError(f"VHR: batch of {rows} rows does not match the {factor.shape[0]} measured samples")
-    return factor.repeat_interleave(rows // factor.shape[0], dim=0)
+def _per_row(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return per_row(t, rows, "VHR")
 
 
 @register_intervention("vhr")
