@@ -170,3 +170,21 @@ def test_score_normalised_mirror_needs_no_image():
     samples, _, _ = load_screenspot(FIX / "screenspot_norm_mirror.json")
     score = score_screenspot(samples, {samples[0].id: "[0.2, 0.3]", samples[1].id: "(0.64, 0.1)"})
     assert score.accuracy == 1.0 and score.table["mobile"]["icon"]["n"] == 1
+
+
+def test_no_data_generates_heldout_set_and_uses_pointer_head(tmp_path):
+    """`vlmkit eval screenspot` with no --data: generated held-out screens, default model + its pointer head."""
+    import json
+
+    from vlmkit.cli import main
+
+    assert main(["eval", "screenspot", "--screens", "1", "--limit", "6", "--out", str(tmp_path), "--quiet"]) == 0
+    data = tmp_path / "data"
+    rows = [r for f in sorted(data.glob("screenspot_*_v2.json")) for r in json.loads(f.read_text())]
+    from vlmkit.data.gui import TRAIN_TEMPLATES
+
+    assert rows and all(r["template"] >= TRAIN_TEMPLATES for r in rows)  # held-out layout templates only
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["metrics"]["overall"]["n"] == 6 and res["prompt"] is not None
+    preds = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 6 and all(p["answer"].startswith("[") for p in preds)  # the head answers with points

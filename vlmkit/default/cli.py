@@ -35,7 +35,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--minutes", type=float, default=None, help="training budget in minutes (default 68; smoke 0.7)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
     p.add_argument("--run-dir", default="runs/default", help="scratch dir for checkpoints (default runs/default)")
-    p.add_argument("--scenes", type=int, default=None, help="training scenes (default 6000; smoke 300)")
+    p.add_argument("--scenes", type=int, default=None, help="training scenes (default 10000; smoke 300)")
     p.add_argument("--eval-images", type=int, default=None, help="held-out scenes to evaluate on (default 200)")
     p.add_argument("--steps-a", type=int, default=None, help="fix stage A to this many steps (overrides time)")
     p.add_argument("--steps-b", type=int, default=None, help="fix stage B to this many steps (overrides time)")

@@ -1,6 +1,6 @@
 """Training recipe of the embedded default model (``vlmkit train-default``).
 
-Stage A (25% of the budget): dense per-patch pre-training of the vision tower alone. Linear heads on each of
+Stage A (30% of the budget): dense per-patch pre-training of the vision tower alone. Linear heads on each of
 the 64 patch features of the last layer predict the colour (8 + background) and shape (8 + background) of the object
 covering the patch and whether it holds an object's centre. Random horizontal flips.
 
@@ -8,7 +8,7 @@ Stage B (the rest): the tower is frozen (its features are cached); projector + l
 1-3 turn conversations (loss on the answer tokens), plus an auxiliary attention loss: at the row that predicts each
 answer's first token, the head-mean attention of language-model layers :data:`ATTN_LAYERS` over the 64 image tokens
 should fall on the patches of the objects the question is about (``-log`` of the fraction that does), weight
-:data:`ATTN_WEIGHT`. Questions without such objects (absent objects, list, describe) get no attention loss.
+:data:`ATTN_WEIGHT`. The answer loss weighs every answer equally (its tokens share weight 1). Questions without such objects (absent objects, list, describe) get no attention loss.
 
 Data: scenes of the seeds ``TRAIN_SEED0 + i``; evaluation uses :data:`vlmkit.default.evaluate.EVAL_SEED0` onwards,
 never used here. Checkpoints every two minutes under ``runs/`` make the run resumable (``--resume``).
@@ -35,7 +35,9 @@ ATTN_LAYERS = (1, 2)
 ATTN_WEIGHT = 1.0
 IMG_START = 2                  # "user", ":" then the 64 image tokens
 CKPT_EVERY_S = 120
+STAGE_A_SHARE = 0.3
 BATCH_A, BATCH_B = 32, 32
+N_SCENES = 10000
 
 
 @dataclass
@@ -61,40 +63,52 @@ def _scene_size(rng: np.random.Generator, smoke: bool) -> tuple[int, int]:
     return w, h
 
 
-def build_pool(n: int, processor, *, smoke: bool = False, seed0: int = TRAIN_SEED0, desc: str = "scenes"):
-    """Render ``n`` training scenes. Returns (pixels uint8 [n, 3, 96, 96] after pad + resize, colour / shape /
-    centre labels int64 [n, 64] (-100 = ambiguous cell), records)."""
-    ip = processor.image_processor
-    pix, col, shp, cen, recs = [], [], [], [], []
-    for i in tqdm(range(n), desc=desc, mininterval=5):
-        seed = seed0 + i
-        rng = np.random.default_rng([seed, 1])
-        sc = generate_scene(seed, size=_scene_size(rng, smoke))
-        w, h = sc.image.size
-        x = ip(images=sc.image, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0]
-        pix.append(x.round().clamp(0, 255).to(torch.uint8))
-        cov = np.stack([patch_coverage(o.mask) for o in sc.objects]).astype(np.float32)
-        best, arg = cov.max(0), cov.argmax(0)
-        c = np.where(best >= 0.25, np.array([COLORS.index(o.color) + 1 for o in sc.objects])[arg], 0)
-        s = np.where(best >= 0.25, np.array([SHAPES.index(o.shape) + 1 for o in sc.objects])[arg], 0)
-        amb = (best >= 0.06) & (best < 0.25)
-        c[amb], s[amb] = -100, -100
-        side, ox, oy = pad_geometry(w, h)
-        ce = np.zeros(N_IMAGE_TOKENS, np.int64)
-        objs = []
-        for o in sc.objects:
-            cx, cy = o.center
-            r, q = min(GRID - 1, int((cy + oy) / side * GRID)), min(GRID - 1, int((cx + ox) / side * GRID))
-            ce[r * GRID + q] = 1
-            objs.append(Obj(o.shape, o.color, o.box, (cx, cy)))
-        col.append(c), shp.append(s), cen.append(ce)
-        recs.append(Record(w, h, objs, cov.astype(np.float16)))
+def _render(args):
+    """One training scene -> (uint8 pixels [3, S, S], colour / shape / centre labels [64], Record)."""
+    seed, smoke, ip = args
+    rng = np.random.default_rng([seed, 1])
+    sc = generate_scene(seed, size=_scene_size(rng, smoke))
+    w, h = sc.image.size
+    x = ip(images=sc.image, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0]
+    cov = np.stack([patch_coverage(o.mask) for o in sc.objects]).astype(np.float32)
+    best, arg = cov.max(0), cov.argmax(0)
+    c = np.where(best >= 0.25, np.array([COLORS.index(o.color) + 1 for o in sc.objects])[arg], 0)
+    s = np.where(best >= 0.25, np.array([SHAPES.index(o.shape) + 1 for o in sc.objects])[arg], 0)
+    amb = (best >= 0.06) & (best < 0.25)
+    c[amb], s[amb] = -100, -100
+    side, ox, oy = pad_geometry(w, h)
+    ce = np.zeros(N_IMAGE_TOKENS, np.int64)
+    objs = []
+    for o in sc.objects:
+        cx, cy = o.center
+        r, q = min(GRID - 1, int((cy + oy) / side * GRID)), min(GRID - 1, int((cx + ox) / side * GRID))
+        ce[r * GRID + q] = 1
+        objs.append(Obj(o.shape, o.color, o.box, (cx, cy)))
+    return x.round().clamp(0, 255).to(torch.uint8), c, s, ce, Record(w, h, objs, cov.astype(np.float16))
+
+
+def build_pool(n: int, processor, *, smoke: bool = False, seed0: int = TRAIN_SEED0, desc: str = "scenes",
+               workers: int | None = None):
+    """Render ``n`` training scenes (in ``workers`` processes; the result does not depend on how many). Returns
+    (pixels uint8 [n, 3, S, S] after pad + resize, colour / shape / centre labels int64 [n, 64] (-100 = ambiguous
+    cell), records)."""
+    import multiprocessing as mp
+    import os
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    jobs = [(seed0 + i, smoke, processor.image_processor) for i in range(n)]
+    if workers > 1:
+        with mp.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            out = list(tqdm(pool.imap(_render, jobs, chunksize=32), total=n, desc=desc, mininterval=5))
+    else:
+        out = [_render(j) for j in tqdm(jobs, desc=desc, mininterval=5)]
+    pix, col, shp, cen, recs = zip(*out)
     return (torch.stack(pix), torch.as_tensor(np.stack(col)), torch.as_tensor(np.stack(shp)),
-            torch.as_tensor(np.stack(cen)), recs)
+            torch.as_tensor(np.stack(cen)), list(recs))
 
 
 def normalize(pix_u8: torch.Tensor, processor) -> torch.Tensor:
-    """uint8 [B, 3, 96, 96] -> float pixel_values exactly as the processor makes them."""
+    """uint8 [B, 3, S, S] -> float pixel_values exactly as the processor makes them."""
     ip = processor.image_processor
     mean = torch.tensor(ip.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(ip.image_std).view(1, 3, 1, 1)
@@ -115,13 +129,15 @@ class Tokens:
 
 
 def encode_conversation(turns, tokens: Tokens, record: Record):
-    """ids, labels (-100 outside answers), [(row, target cell mask [64])] for the attention loss."""
-    ids, labels, rows = [], [], []
+    """ids, labels (-100 outside answers), per-label weights (each answer's tokens share weight 1, so a one-word
+    yes/no answer counts as much as a long description), [(row, target cell mask [64])] for the attention loss."""
+    ids, labels, weights, rows = [], [], [], []
     for t, qa in enumerate(turns):
         head = tokens("USER:") + ([tokens.image_id] * N_IMAGE_TOKENS if t == 0 else []) + tokens(qa.question) \
             + tokens("ASSISTANT:")
         ids += head
         labels += [-100] * len(head)
+        weights += [0.0] * len(head)
         if qa.targets:
             cov = record.coverage[qa.targets].astype(np.float32).max(0)
             tgt = cov >= 0.15
@@ -130,7 +146,8 @@ def encode_conversation(turns, tokens: Tokens, record: Record):
         ans = tokens(qa.answer) + [tokens.tok.eos_token_id]
         ids += ans
         labels += ans
-    return ids, labels, rows
+        weights += [1.0 / len(ans)] * len(ans)
+    return ids, labels, weights, rows
 
 
 def _lr(frac: float, base: float, warm: float = 0.05) -> float:
@@ -148,6 +165,13 @@ def lm_forward(model, feats: torch.Tensor, ids: torch.Tensor, am: torch.Tensor, 
     return model.lm_head(out.last_hidden_state), out.attentions
 
 
+def _bar(desc: str, steps: int | None, budget_s: float, state: dict):
+    """Progress in optimiser steps when the stage has a fixed step count, else in seconds of its time budget."""
+    if steps:
+        return tqdm(total=steps, desc=desc, unit="step", initial=state["step"])
+    return tqdm(total=int(budget_s), desc=desc, unit="s", initial=int(state["elapsed"]))
+
+
 def _save_ckpt(path: Path, state: dict):
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -159,7 +183,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
           steps_a: int | None = None, steps_b: int | None = None, log=print) -> dict:
     """Train from scratch (or resume), save the model + processor into ``out_dir``, evaluate, write metrics.json.
 
-    The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
+    The budget is wall-clock ``minutes`` (30% stage A, 70% stage B) unless ``steps_a`` / ``steps_b`` fix the number
     of optimiser steps of a stage (then its learning-rate schedule runs over steps, and time does not matter).
     Resuming a finished run with a larger budget continues stage B.
     """
@@ -174,9 +198,9 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     model, processor = build_model_and_processor(seed)
     model.set_attn_implementation("eager")
     tok = Tokens(processor.tokenizer)
-    n = n_scenes or (300 if smoke else 6000)
+    n = n_scenes or (300 if smoke else N_SCENES)
     budget = minutes * 60.0
-    budget_a, budget_b = 0.25 * budget, 0.75 * budget
+    budget_a, budget_b = STAGE_A_SHARE * budget, (1 - STAGE_A_SHARE) * budget
     heads = torch.nn.ModuleDict({"color": torch.nn.Linear(128, 9), "shape": torch.nn.Linear(128, 9),
                                  "center": torch.nn.Linear(128, 1)})
     state = {"stage": "A", "elapsed": 0.0, "step": 0}
@@ -200,7 +224,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
         if resume and ckpt_path.exists() and "opt" in ck and ck["state"]["stage"] == "A":
             opt.load_state_dict(ck["opt"])
-        bar = tqdm(total=int(budget_a), desc="stage A (vision tower)", unit="s", initial=int(state["elapsed"]))
+        bar = _bar("stage A (vision tower)", steps_a, budget_a, state)
         t0, last_ck, g = time.time() - state["elapsed"], time.time(), torch.Generator().manual_seed(seed + state["step"])
         while (state["step"] < steps_a) if steps_a else (time.time() - t0 < budget_a):
             frac = state["step"] / steps_a if steps_a else (time.time() - t0) / budget_a
@@ -221,7 +245,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             state["step"] += 1
-            bar.n = int(time.time() - t0)
+            bar.n = state["step"] if steps_a else int(time.time() - t0)
             bar.set_postfix(loss=f"{loss.item():.3f}", step=state["step"], refresh=False)
             bar.update(0)
             if state["step"] % 50 == 0:
@@ -248,7 +272,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         opt.load_state_dict(ck["opt"])
         fresh_from = -10**9
     rng = np.random.default_rng([seed, 99, state["step"]])
-    bar = tqdm(total=int(budget_b), desc="stage B (QA + attention)", unit="s", initial=int(state["elapsed"]))
+    bar = _bar("stage B (QA + attention)", steps_b, budget_b, state)
     t0, last_ck = time.time() - state["elapsed"], time.time()
     pad = processor.tokenizer.pad_token_id
     while (state["step"] < steps_b) if steps_b else (time.time() - t0 < budget_b):
@@ -260,13 +284,18 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         L = max(len(s[0]) for s in seqs)
         ids = torch.full((len(seqs), L), pad)
         lab = torch.full((len(seqs), L), -100)
+        wt = torch.zeros((len(seqs), L))
         am = torch.zeros((len(seqs), L), dtype=torch.long)
-        for b, (si, sl, _) in enumerate(seqs):
+        for b, (si, sl, sw, _) in enumerate(seqs):
             ids[b, :len(si)], lab[b, :len(sl)], am[b, :len(si)] = torch.tensor(si), torch.tensor(sl), 1
+            wt[b, :len(sw)] = torch.tensor(sw)
         logits, attns = lm_forward(model, feats[torch.as_tensor(idx)].to(dev), ids.to(dev), am.to(dev), True)
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten().to(dev), ignore_index=-100)
+        tok_ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten().to(dev), ignore_index=-100,
+                                 reduction="none")                                            # [B * (L-1)]
+        w = wt[:, 1:].flatten().to(dev)
+        ce = (tok_ce * w).sum() / w.sum()          # mean over answers of each answer's mean token loss
         bi, ri, tg = [], [], []
-        for b, (_, _, rows) in enumerate(seqs):
+        for b, (_, _, _, rows) in enumerate(seqs):
             for r, t in rows:
                 bi.append(b), ri.append(r), tg.append(t)
         al = torch.zeros((), device=dev)
@@ -281,7 +310,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         state["step"] += 1
-        bar.n = int(time.time() - t0)
+        bar.n = state["step"] if steps_b else int(time.time() - t0)
         bar.set_postfix(ce=f"{ce.item():.3f}", attn=f"{al.item():.3f}", step=state["step"], refresh=False)
         bar.update(0)
         if state["step"] % 50 == 0:

@@ -181,9 +181,23 @@ def eval_chair(args: argparse.Namespace, vlm: Any = None) -> dict:
 
 
 def eval_screenspot(args: argparse.Namespace, vlm: Any = None) -> dict:
-    """ScreenSpot v1/v2/Pro: ask for a click point per instruction, score point-in-box."""
+    """ScreenSpot v1/v2/Pro: ask for a click point per instruction, score point-in-box.
+
+    With no ``--data``: a held-out generated ScreenSpot-v2 set (layout templates never used to train the pointer
+    head) is written under ``OUT/data`` and the model answers through its pointer head (attention-only fallback).
+    """
     if args.data is None:
-        raise InputError("vlmkit eval screenspot needs --data (an annotation file or directory)")
+        from vlmkit.data.gui import build_set
+
+        data = Path(args.out) / "data"
+        _rank0_first(lambda: None if any(data.glob("screenspot_*_v2.json"))
+                     else build_set(data, screens_per_template=args.screens, templates="heldout", seed=args.seed + 7))
+        args.data = str(data)
+        args.prompt = args.prompt or "{instruction}"
+        if vlm is None and args.num_processes == 1:
+            from vlmkit.grounding.v2p import make_grounder
+
+            vlm = make_grounder(make_vlm(args.model, args.device, args.dtype))
     samples, load_errors, formats = ss_mod.load_screenspot(args.data, args.format, args.box_format)
     images = Path(args.images) if args.images else ss_mod.default_images_dir(args.data)
     template = args.prompt or SCREENSPOT_PROMPT
@@ -214,7 +228,8 @@ def _command(task: str):
 # ------------------------------------------------------------------------------------------------ parsers
 def _common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--data", help="data file or directory (default: a generated scene set)"
-                   if task != "screenspot" else "annotation file or directory (v1/v2 json, Pro annotations/)")
+                   if task != "screenspot" else "annotation file or directory (v1/v2 json, Pro annotations/; default: a "
+                   "generated held-out GUI set, answered by the default model's pointer head)")
     p.add_argument("--images", help="image directory (default: next to the data)")
     p.add_argument("--model", help="checkpoint path or hub id for vlmkit.load, or module:factory (default model)")
     p.add_argument("--device", default="cpu")
@@ -258,6 +273,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("auto", *ss_mod.DATASETS), default="auto")
     s.add_argument("--box-format", choices=("auto", *ss_mod.BOX_FORMATS), default="auto")
     s.add_argument("--point-units", choices=ss_mod.POINT_UNITS, default="auto")
+    s.add_argument("--screens", type=int, default=18,
+                   help="screens per held-out layout template in the generated set (no --data)")
     return ev
 
 
