@@ -170,3 +170,14 @@ def test_cli_ask_with_carve_writes_refined_and_contrast(saved_llava, png, tmp_pa
     assert "original answer" in capsys.readouterr().err
     for p in (out, tmp_path / "carve.refined.png", tmp_path / "carve.contrast.png"):
         assert p.is_file(), p
+
+
+def test_forward_takes_questions_or_full_prompts(vlm, png):
+    q = "Is there a red circle in the image?"
+    by_question = vlm.forward([png], [q])
+    by_prompt = vlm.forward([png], prompts=[vlm.prompt(q)])
+    assert torch.equal(by_question, by_prompt)
+    longer = vlm.forward([png], prompts=[vlm.prompt(q) + " yes"])
+    assert longer.shape[1] > by_prompt.shape[1]
+    with pytest.raises(ValueError, match="either questions or prompts"):
+        vlm.forward([png], [q], prompts=[vlm.prompt(q)])

@@ -12,7 +12,6 @@ columns -> values per image token -> per-view maps pasted into the original imag
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -190,13 +189,7 @@ def rollout(mats: list[torch.Tensor], col_count: torch.Tensor | None, rows: list
 
 def _run_forward(vlm, images: list, texts: list[str]) -> None:
     """One forward pass over full texts (prompt + answer) with the VLM's active interventions applied."""
-    if "prompts" in inspect.signature(vlm.forward).parameters:
-        vlm.forward(images, prompts=texts)
-        return
-    with vlm._lock:  # noqa: SLF001  (VLM.forward only takes questions; see the report to the lead)
-        inputs, layouts, pads, _ = vlm.encode(images, texts)
-        with vlm._session(inputs, layouts, pads), torch.inference_mode():  # noqa: SLF001
-            vlm.model(**inputs)
+    vlm.forward(images, prompts=texts)
 
 
 def word_maps(vlm, images: list, questions: list[str], answers: list[str], words: list[str], *,

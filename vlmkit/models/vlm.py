@@ -156,10 +156,14 @@ class VLM:
                     self._state.recorder.finish([a.tokens for a in answers])
             return answers
 
-    def forward(self, images: list, questions: list[str]) -> torch.Tensor:
-        """Logits ``[B, N, vocab]`` of one forward pass over the prompts (left-padded), with any active capture
-        (prompt rows only) and interventions applied."""
-        prompts = [self.prompt(q) for q in questions]
+    def forward(self, images: list, questions: list[str] | None = None, *,
+                prompts: list[str] | None = None) -> torch.Tensor:
+        """Logits ``[B, N, vocab]`` of one forward pass (left-padded), with any active capture (prompt rows only)
+        and interventions applied. ``questions`` are wrapped by :meth:`prompt`; ``prompts`` are full texts used
+        as they are (e.g. a prompt followed by an answer, to read the attention of the answer's tokens)."""
+        if (questions is None) == (prompts is None):
+            raise ValueError("VLM.forward takes either questions or prompts=")
+        prompts = list(prompts) if prompts is not None else [self.prompt(q) for q in questions]
         with self._lock:
             inputs, layouts, pads, _ = self.encode(images, prompts)
             with self._session(inputs, layouts, pads), torch.inference_mode():
