@@ -1,5 +1,6 @@
 """CARVE: labeller, top-p and best-K masks, the contrast, the general-pass cache, result fields, final prompts."""
 
+import functools
 import numpy as np
 import pytest
 import torch
@@ -278,3 +279,54 @@ def test_bad_inputs(vlm):
         Carve(keep_fraction=0)
     with pytest.raises(InputError):
         Carve()(_img(20, 20), "  ", vlm=vlm)
+
+
+def test_reuse_image_features_encodes_each_image_once_and_restores(vlm):
+    """The adapter's feature reuse: same logits, the encoder runs once per distinct image, the model is restored."""
+    base = vlm.model.base_model
+    calls = []
+    real = base.get_image_features
+
+    @functools.wraps(real)
+    def counting(*a, **kw):
+        calls.append(kw["pixel_values"].shape if "pixel_values" in kw else a[0].shape)
+        return real(*a, **kw)
+
+    base.get_image_features = counting
+    try:
+        img, other = _img(40, 32, 0), _img(40, 32, 1)
+        want = vlm.forward([img, img], [Q1, Q2])
+        want_other = vlm.forward([other], [Q1])
+        calls.clear()
+        store = {}
+        with vlm.adapter.reuse_image_features(store):
+            got = vlm.forward([img, img], [Q1, Q2])        # one image repeated: encoded once (LLaVA's [B,C,H,W])
+            again = vlm.forward([img], [Q2])               # same pixels: not encoded again
+            third = vlm.forward([other], [Q1])             # new pixels: encoded
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(again[0, -1], want[1, -1], atol=1e-5)
+        assert torch.allclose(third, want_other, atol=1e-5)
+        if vlm.family == "llava":
+            assert [s[0] for s in calls] == [1, 1] and "features" in store
+        assert base.get_image_features is counting          # the earlier override is back
+    finally:
+        del base.get_image_features
+    assert "get_image_features" not in vars(base)
+
+
+def test_cached_carve_call_skips_the_vision_encoder(vlm):
+    carver = Carve(max_new_tokens=N)
+    img = _img(48, 40, 3)
+    first = carver(img, Q1, vlm=vlm)
+    base = vlm.model.base_model
+    calls = []
+    real = base.get_image_features
+    base.get_image_features = functools.wraps(real)(lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    try:
+        second = carver(img, Q1, vlm=vlm)
+    finally:
+        del base.get_image_features
+    assert second.general_cached and second.answer == first.answer
+    assert second.original_answer == first.original_answer
+    if vlm.family == "llava":  # original image: reused; the refined image is new and encoded (batched with it)
+        assert len(calls) == 1

@@ -10,7 +10,7 @@ from vlmkit.errors import VlmkitError
 
 #: modules that contribute sub-commands; each exposes ``add_parsers(subparsers)``.
 COMMAND_MODULES = ("vlmkit.eval.cli", "vlmkit.default.cli", "vlmkit.grounding.cli", "vlmkit.grounding.gui_cli",
-                   "vlmkit.app")
+                   "vlmkit.agent", "vlmkit.app")
 
 
 def parse_layers(spec: str | None) -> list[int] | None:

@@ -245,9 +245,9 @@ def refine_image(image: Image.Image, mask: np.ndarray, box, *, enlarge: bool = T
     """Pixels outside ``mask`` set to ``fill``, cropped to ``box``, then (``enlarge``) resized with Lanczos so it
     covers the original size (scale ``max(W/w, H/h)``, capped at 4x the original area)."""
     x0, y0, x1, y1 = box
-    crop = np.asarray(image)[y0:y1, x0:x1].copy()
-    crop[~mask[y0:y1, x0:x1]] = np.asarray(fill, dtype=np.uint8)
-    out = Image.fromarray(crop)
+    keep = Image.fromarray(mask[y0:y1, x0:x1].astype(np.uint8) * 255, mode="L")
+    out = Image.new("RGB", (x1 - x0, y1 - y0), tuple(int(c) for c in fill))
+    out.paste(image.convert("RGB").crop(box), (0, 0), keep)
     if enlarge:
         big_w, big_h = image.size
         w, h = out.size
@@ -318,6 +318,7 @@ def _answer_multi_image(vlm, images: list, prompt: str, max_new_tokens: int) -> 
 class _General:
     rows: torch.Tensor  # [steps, layers, image_tokens]
     complete: bool  # the general answer ended before its cap: no more rows exist
+    features: dict = field(default_factory=dict)  # the image's encoder output (FamilyAdapter.reuse_image_features)
 
 
 # ------------------------------------------------------------------------------------------------ the method
@@ -340,7 +341,7 @@ class Carve:
                  connectivity: int = 8, region_score: str = "sum", margin: float = 0.0, enlarge="auto",
                  fill=(0, 0, 0), final_input: str = "refined_only", general_instruction: str = GENERAL_INSTRUCTION,
                  answer_suffix: str = "", max_new_tokens: int | None = None, general_max_new_tokens: int = 8,
-                 final_batch: bool = True, work_max_side: int = 512, cache_size: int = 32) -> None:
+                 final_batch: bool = True, work_max_side: int = 256, cache_size: int = 32) -> None:
         given = dict(locals())
         rules = {"step_mode": (step_mode in STEP_MODES, f"one of {STEP_MODES}"),
                  "final_input": (final_input in FINAL_INPUTS, f"one of {FINAL_INPUTS}"),
@@ -454,18 +455,21 @@ class Carve:
         extra = [_RowStops(short, follow, _eos_ids(vlm))] if short or follow else []
         t0 = time.perf_counter()
         rows = [-1] if self.step_mode == "first" else "last"  # "first" needs only the last prompt row
-        with vlm.capture(layers=layers, rows=rows) as rec, vlm.intervene(*extra):
+        features = entry.features if entry is not None else {}
+        with vlm.capture(layers=layers, rows=rows) as rec, vlm.intervene(*extra), \
+                vlm.adapter.reuse_image_features(features):
             answers = vlm.generate([pil] * len(texts), texts, max_new_tokens=longest)
         a_q = head_mean_rows(rec.samples[0])
         general_cached = entry is not None
         if entry is None:
             n_g, n_q = len(answers[1].token_ids), len(answers[0].token_ids)
-            entry = _General(head_mean_rows(rec.samples[1])[:cap], complete=n_g < cap and n_g <= n_q)
+            entry = _General(head_mean_rows(rec.samples[1])[:cap], complete=n_g < cap and n_g <= n_q,
+                             features=features)
             self._store(key, entry)
         elif not entry.complete and entry.rows.shape[0] < min(cap, a_q.shape[0]):  # too short for this answer
-            with vlm.capture(layers=layers, rows="last") as rec_g:
+            with vlm.capture(layers=layers, rows="last") as rec_g, vlm.adapter.reuse_image_features(features):
                 n_g = len(vlm.generate([pil], [g_text], max_new_tokens=cap)[0].token_ids)
-            entry = _General(head_mean_rows(rec_g.maps)[:cap], complete=n_g < cap)
+            entry = _General(head_mean_rows(rec_g.maps)[:cap], complete=n_g < cap, features=features)
             self._store(key, entry)
             general_cached = False
         with self._cache_lock:

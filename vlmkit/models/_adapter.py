@@ -6,6 +6,7 @@ image-token :class:`~vlmkit.models._layout.Layout` of every sample. Methods talk
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -113,6 +114,55 @@ class FamilyAdapter:
         inner = getattr(self.model, "model", self.model)
         if hasattr(inner, "rope_deltas"):
             inner.rope_deltas = None
+
+    @contextmanager
+    def reuse_image_features(self, store: dict):
+        """Inside the block the vision encoder runs at most once per distinct image.
+
+        Wraps the base model's ``get_image_features`` (the one call generate and forward make for pixels): the
+        per-image features of a one-image call are kept in ``store`` (``pixel_values`` + the ``pooler_output``
+        list, nothing else) and returned again when the same pixels come back; a ``[B, C, H, W]`` batch of one image
+        repeated is encoded once and its features repeated. Other calls run as usual. Always restored.
+        """
+        base = self.model.base_model
+        original = base.get_image_features          # bound method (or an earlier instance override)
+        had_own = "get_image_features" in vars(base)
+
+        def one(out):
+            return type(out)(pooler_output=list(out.pooler_output))
+
+        @functools.wraps(original)  # generate() reads the encoder's parameter names from its signature
+        def wrapped(*args, **kw):
+            pv = kw.get("pixel_values")
+            if args or not isinstance(pv, torch.Tensor) or pv.dim() != 4:
+                return original(*args, **kw)
+            kw = {k: v for k, v in kw.items() if k != "pixel_values"}
+            pixel_values = pv
+            n = pv.shape[0]
+            kept = store.get("pixel_values")
+            same = kept is not None and kept.shape == pv.shape[1:] and kept.device == pv.device and all(
+                torch.equal(kept, pv[i]) for i in range(n))
+            if not same:
+                if n > 1 and not all(torch.equal(pv[0], pv[i]) for i in range(1, n)):
+                    return original(pixel_values=pixel_values, **kw)
+                sub = {k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v)
+                       for k, v in kw.items()}
+                out = original(pixel_values=pv[:1], **sub)
+                if not hasattr(out, "pooler_output") or len(out.pooler_output) != 1:
+                    return original(pixel_values=pixel_values, **kw)
+                store.clear()
+                store.update(pixel_values=pv[0].detach().clone(), features=one(out))
+            feats = store["features"]
+            return type(feats)(pooler_output=list(feats.pooler_output) * n)
+
+        base.get_image_features = wrapped
+        try:
+            yield store
+        finally:
+            if had_own:
+                base.get_image_features = original
+            else:
+                del base.get_image_features
 
     # ------------------------------------------------------------------ layout
     def image_info(self, inputs: dict, index: int) -> Any:
