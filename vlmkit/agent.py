@@ -366,19 +366,7 @@ def add_parsers(subparsers) -> None:
     a.set_defaults(func=cmd_agent)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry until ``vlmkit/cli.py`` wires this in: ``python -m vlmkit.agent agent ...``."""
-    from vlmkit.errors import VlmkitError
+if __name__ == "__main__":  # python -m vlmkit.agent ... == vlmkit agent ...
+    from vlmkit.cli import main
 
-    parser = argparse.ArgumentParser(prog="vlmkit")
-    add_parsers(parser.add_subparsers(dest="cmd", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except VlmkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["agent", *sys.argv[1:]]))
