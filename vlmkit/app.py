@@ -1,7 +1,9 @@
 """The Gradio demo: ask with attention heat maps, CARVE, hallucination fixes side by side, detection, GUI grounding.
 
-Each tab appears once its feature is installed. Requests on the one model are serialised (queue concurrency 1 plus the
-``VLM`` lock), uploads are decoded by Gradio into PIL images (no client-supplied path is opened), image size is
+Tabs (laid out in :mod:`vlmkit._app_tabs`, one named API route each): Ask (/ask), CARVE (/carve), Hallucination
+fixes (/fixes), Detect (/detect: VL-SAM masks + boxes; disabled with the reason shown when no SAM loads) and GUI
+grounding (/ground: click point, candidates, heat map; attention-only when the model has no pointer head). Requests
+on the one model are serialised (queue concurrency 1 per route plus the ``VLM`` lock), uploads are decoded by Gradio into PIL images (no client-supplied path is opened), image size is
 capped, and errors are shown in the UI as messages, never as stack traces. Binds to 127.0.0.1 unless told otherwise.
 
     python apps/demo.py [--port N] [--host H] [--model PATH] [--sam-checkpoint PATH]
@@ -10,7 +12,6 @@ capped, and errors are shown in the UI as messages, never as stack traces. Binds
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import tempfile
@@ -35,14 +36,9 @@ class DemoConfig:
     host: str = "127.0.0.1"
     port: int | None = None
     max_pixels: int = MAX_PIXELS
-    examples: list[str] = field(default_factory=list)
-
-
-def _has(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+    examples: list[str] = field(default_factory=list)  # scene images (Ask, CARVE, fixes, Detect)
+    detect_examples: list[tuple[str, str]] = field(default_factory=list)  # (image, comma-separated names or "")
+    gui_examples: list[tuple[str, str]] = field(default_factory=list)  # (screenshot, instruction)
 
 
 def _guard(fn):
@@ -66,23 +62,48 @@ def _guard(fn):
     return wrapped
 
 
-def make_examples(out_dir: Path, n: int = 3) -> list[str]:
-    """Write a few generated scenes as example images; returns their paths."""
+def scene_examples(out_dir: Path, n: int = 3) -> list[tuple[str, str]]:
+    """Write a few generated scenes as example images; returns ``(path, comma-separated object names)``."""
     from vlmkit.data.scenes import generate_scene
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    out = []
     for seed in range(n):
         p = out_dir / f"scene{seed}.png"
-        generate_scene(1000 + seed, size=224, n_objects=3, style="plain").image.save(p)
-        paths.append(str(p))
-    return paths
+        scene = generate_scene(1000 + seed, size=224, n_objects=3, style="plain")
+        scene.image.save(p)
+        out.append((str(p), ", ".join(dict.fromkeys(scene.names))))
+    return out
+
+
+def make_examples(out_dir: Path, n: int = 3) -> list[str]:
+    """Write a few generated scenes as example images; returns their paths."""
+    return [p for p, _ in scene_examples(out_dir, n)]
+
+
+def make_gui_examples(out_dir: Path, n: int = 3) -> list[tuple[str, str]]:
+    """Write ``n`` generated screenshots (cycling desktop, web, mobile); returns ``(path, instruction)`` pairs, the
+    instruction naming one of the screen's text targets."""
+    import random
+
+    from vlmkit.data.gui import N_TEMPLATES, instruction_for, render_screen
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        platform = ("desktop", "web", "mobile")[i % 3]
+        screen = render_screen(platform, i % N_TEMPLATES, 2000 + i)
+        targets = [t for t in screen.targets if t.kind == "text"] or screen.targets
+        p = out_dir / f"screen{i}-{platform}.png"
+        screen.image.save(p)
+        out.append((str(p), instruction_for(targets[0], platform, random.Random(i)) if targets else "click OK"))
+    return out
 
 
 class Demo:
     """Holds the model(s) and builds the Blocks app."""
 
-    def __init__(self, cfg: DemoConfig, vlm=None):
+    def __init__(self, cfg: DemoConfig, vlm=None, segmenter=None, grounder=None):
         import vlmkit
 
         self.cfg = cfg
@@ -92,6 +113,35 @@ class Demo:
         from vlmkit.methods.carve import Carve
 
         self._carve = Carve()  # one object: its general-pass cache serves repeated questions on an image
+        self.segmenter, self.segmenter_error = segmenter, None
+        if segmenter is None:
+            self._load_segmenter()
+        self._grounder = grounder if grounder is not None else self._load_grounder()
+        self.grounder_name = self._grounder.name
+
+    def _load_segmenter(self) -> None:
+        """The SAM of ``--sam-checkpoint`` (a bad path stops the start) or the shipped small SAM (if it is missing,
+        only the Detect tab is disabled, with the reason shown)."""
+        from vlmkit.grounding.segmenters import load_segmenter
+
+        try:
+            self.segmenter = load_segmenter(self.cfg.sam_checkpoint)
+        except Exception as e:  # the shipped SAM may be missing or being rewritten
+            if self.cfg.sam_checkpoint is not None:
+                raise
+            self.segmenter_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.warning("Detect tab disabled: %s", self.segmenter_error)
+
+    def _load_grounder(self):
+        """The pointer-head grounder beside the checkpoint; attention-only if there is none or it does not load."""
+        from vlmkit.grounding.v2p import Grounder, make_grounder
+
+        try:
+            return make_grounder(self.vlm)
+        except Exception as e:  # noqa: BLE001 - a head being rewritten or of another model: keep the demo up
+            log.warning("pointer head not usable (%s: %s); GUI grounding falls back to attention",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return Grounder(self.vlm, None)
 
     def _image(self, image):
         from vlmkit.io import load_image
@@ -138,48 +188,53 @@ class Demo:
                 rows.append([name, self.vlm.ask(img, question.strip())])
         return rows
 
+    def detect(self, image, names: str = "", questions: int = 5, multiscale: bool = False):
+        """VL-SAM detection: ``(AnnotatedImage value, rows)`` (see ``_app_tabs.detections_view``); ``names`` is
+        comma-separated (empty: open-ended), ``questions`` how many question templates (1..5) per object."""
+        import vlmkit
+        from vlmkit._app_tabs import detections_view, parse_names
+
+        img = self._image(image)
+        if self.segmenter is None:
+            raise ValueError(f"detection is unavailable: {self.segmenter_error or 'no segmenter'}")
+        q = int(questions)
+        if not 1 <= q <= 5:
+            raise ValueError(f"questions={q}: use 1..5")
+        dets = vlmkit.detect(img, vlm=self.vlm, segmenter=self.segmenter, names=parse_names(names), questions=q,
+                             multiscale=bool(multiscale))
+        return detections_view(img, dets)
+
+    def ground(self, image, instruction: str):
+        """GUI grounding: screenshot with the click marked, heat-map overlay, action text, details dict."""
+        from vlmkit._app_tabs import mark_points
+        from vlmkit.viz import heat_overlay
+
+        img = self._image(image)
+        if not instruction or not instruction.strip():
+            raise ValueError("type an instruction")
+        res = self._grounder.ground(img, instruction.strip())
+        act = res.action()
+        cands = [[round(x, 1), round(y, 1), round(s, 5)] for x, y, s in res.candidates]
+        details = {"action": act, "point": [round(v, 1) for v in res.point],
+                   "point_norm": [round(v, 4) for v in res.point_norm], "candidates": cands, "source": res.source,
+                   "size": list(res.size)}
+        return (np.asarray(mark_points(img, res.candidates, res.point)),
+                np.asarray(mark_points(heat_overlay(img, res.heatmap), res.candidates, res.point)),
+                f"{act['action']}(x={act['x']}, y={act['y']})", details)
+
     # ------------------------------------------------------------------ app
     def build(self):
         import gradio as gr
 
-        ex = self.cfg.examples
+        from vlmkit import _app_tabs as tabs
+
         with gr.Blocks(title="vlmkit demo", analytics_enabled=False) as app:
             gr.Markdown("## vlmkit — see where a VLM looks")
-            with gr.Tab("Ask"):
-                with gr.Row():
-                    img = gr.Image(type="pil", label="image", sources=["upload", "clipboard"])
-                    heat = gr.Image(type="numpy", label="attention of the answer token", interactive=False)
-                q = gr.Textbox(label="question", value="Is there a red circle in the image?")
-                with gr.Row():
-                    lo = gr.Slider(0, self.num_layers - 1, value=0, step=1, label="first layer")
-                    hi = gr.Slider(0, self.num_layers - 1, value=self.num_layers - 1, step=1, label="last layer")
-                    head = gr.Dropdown(["mean"] + [str(h) for h in range(self.num_heads)], value="mean", label="head")
-                btn = gr.Button("Ask", variant="primary", elem_id="ask-button")
-                ans = gr.Textbox(label="answer", elem_id="ask-answer", interactive=False)
-                btn.click(_guard(self.ask), [img, q, lo, hi, head], [ans, heat], api_name="ask")
-                if ex:
-                    gr.Examples([[p, "Is there a red circle in the image?"] for p in ex], [img, q])
-            with gr.Tab("CARVE"):
-                with gr.Row():
-                    cimg = gr.Image(type="pil", label="image")
-                    refined = gr.Image(type="numpy", label="refined image", interactive=False)
-                    contrast = gr.Image(type="numpy", label="contrast map", interactive=False)
-                cq = gr.Textbox(label="question", value="What color is the star?")
-                cbtn = gr.Button("Refine and answer", variant="primary")
-                with gr.Row():
-                    orig = gr.Textbox(label="original answer", interactive=False)
-                    new = gr.Textbox(label="answer on the refined image", interactive=False)
-                cbtn.click(_guard(self.carve), [cimg, cq], [orig, new, refined, contrast], api_name="carve")
-                if ex:
-                    gr.Examples([[p, "What color is the star?"] for p in ex], [cimg, cq])
-            with gr.Tab("Hallucination fixes"):
-                fimg = gr.Image(type="pil", label="image")
-                fq = gr.Textbox(label="question", value="Is there a blue star in the image?")
-                fbtn = gr.Button("Compare", variant="primary")
-                table = gr.Dataframe(headers=["method", "answer"], label="answers", interactive=False)
-                fbtn.click(_guard(self.fixes), [fimg, fq], table, api_name="fixes")
-                if ex:
-                    gr.Examples([[p, "Is there a blue star in the image?"] for p in ex], [fimg, fq])
+            for title, builder in (("Ask", tabs.ask_tab), ("CARVE", tabs.carve_tab),
+                                   ("Hallucination fixes", tabs.fixes_tab), ("Detect", tabs.detect_tab),
+                                   ("GUI grounding", tabs.ground_tab)):
+                with gr.Tab(title):
+                    builder(self, gr, _guard)
         app.queue(default_concurrency_limit=1)
         return app
 
@@ -193,14 +248,19 @@ def _arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
-    ap.add_argument("--sam-checkpoint", default=None)
+    ap.add_argument("--sam-checkpoint", default=None,
+                    help="SAM for the Detect tab: a .pth/.safetensors file or a directory (default: the shipped one)")
     return ap
 
 
 def run(args) -> int:
-    examples = make_examples(Path(tempfile.mkdtemp(prefix="vlmkit-demo-")))
-    demo = Demo(DemoConfig(args.model, args.sam_checkpoint, args.host, args.port, examples=examples))
-    demo.launch()
+    tmp = Path(tempfile.mkdtemp(prefix="vlmkit-demo-"))
+    scenes = scene_examples(tmp)
+    cfg = DemoConfig(args.model, args.sam_checkpoint, args.host, args.port, examples=[p for p, _ in scenes],
+                     detect_examples=[(p, "") for p, _ in scenes] + scenes[:1], gui_examples=make_gui_examples(tmp))
+    app, (_, url, _) = Demo(cfg).launch(prevent_thread_lock=True)
+    print(f"vlmkit demo running on {url} (Ctrl+C to stop)", flush=True)
+    app.block_thread()
     return 0
 
 
