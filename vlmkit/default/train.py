@@ -95,7 +95,7 @@ def build_pool(n: int, processor, *, smoke: bool = False, seed0: int = TRAIN_SEE
     import multiprocessing as mp
     import os
 
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or (min(8, os.cpu_count() or 1) if n >= 500 else 1)  # spawning costs ~10 s
     jobs = [(seed0 + i, smoke, processor.image_processor) for i in range(n)]
     if workers > 1:
         with mp.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
