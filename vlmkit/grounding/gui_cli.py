@@ -70,6 +70,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmkit.grounding import train_grounding as tg
     from vlmkit.grounding import v2p
 
+    if args.finetune_backbone:
+        from vlmkit.grounding import finetune_grounding as fg
+
+        fg.check_args(args)  # e.g. --install default is refused
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -86,6 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         paths = gui.build_set(data, screens_per_template=args.screens, templates="train", seed=args.seed + 1000)
         log(f"generated training set {data} ({sum(len(json.loads(p.read_text())) for p in paths.values())} rows)")
     tile = args.tile or v2p.native_tile(vlm)
+    if args.finetune_backbone:
+        return fg.cmd_finetune(args, vlm, data, tile, log)
     k, n = (int(v) for v in args.cache_shard.split("/"))
     parts = tg.build_cache(vlm, data, out / "cache", tile=tile, max_tiles=args.max_tiles, prompt=args.prompt,
                            progress=not args.quiet, shard=(k, n))
@@ -140,7 +146,8 @@ def add_parsers(subparsers) -> None:
     g.add_argument("--device", default="cpu")
     g.set_defaults(func=cmd_ground)
 
-    t = subparsers.add_parser("train-grounding", help="train a V2P pointer head on a frozen backbone")
+    t = subparsers.add_parser("train-grounding", help="train a V2P pointer head on a frozen backbone (or, with "
+                              "--finetune-backbone, together with the vision tower + projector)")
     t.add_argument("--model", default=None, help="backbone checkpoint (default: the embedded model)")
     t.add_argument("--data", default=None, help="ScreenSpot-format training set (default: generated, train "
                                                 "templates only)")
@@ -172,7 +179,14 @@ def add_parsers(subparsers) -> None:
     t.add_argument("--cache-shard", default="0/1", help="K/N: build only cache part K of every N, then stop "
                                                          "(run N processes side by side)")
     t.add_argument("--restart", action="store_true", help="ignore an existing state.pt")
-    t.add_argument("--install", default=None, help="also save the head here ('default': beside the default model)")
+    t.add_argument("--install", default=None, help="also save the head here ('default': beside the default model; "
+                                                    "refused with --finetune-backbone)")
+    t.add_argument("--finetune-backbone", action="store_true",
+                   help="also train the vision tower and projector (language model frozen, no feature cache); writes "
+                        "a SEPARATE checkpoint <out>/<run>/model (+ <run>/model-pointer head; --install PATH: also "
+                        "there), never the shipped default")
+    t.add_argument("--backbone-lr", type=float, default=None,
+                   help="learning rate of the backbone with --finetune-backbone (default 0.1 x --lr)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)

@@ -373,15 +373,17 @@ def tile_image(image, tile: int, max_tiles: int):
     return tiles, origins, s, (rows, cols)
 
 
-def lm_input_tokens(vlm, images: list) -> list[tuple[torch.Tensor, Any]]:
-    """For each image: (``[n, d]`` image-token embeddings at the language-model input, the finest layout view)."""
+def lm_input_tokens(vlm, images: list, grad: bool = False) -> list[tuple[torch.Tensor, Any]]:
+    """For each image: (``[n, d]`` image-token embeddings at the language-model input, the finest layout view).
+
+    ``grad=True`` keeps the autograd graph back into the vision tower and projector (backbone fine-tuning)."""
     box: dict[str, torch.Tensor] = {}
 
     def pre(module, args, kwargs):
-        box["e"] = kwargs["inputs_embeds"].detach()
+        box["e"] = kwargs["inputs_embeds"] if grad else kwargs["inputs_embeds"].detach()
         raise _Stop
 
-    with vlm.session(images, [PROBE] * len(images)) as (inputs, layouts, pads), torch.no_grad():
+    with vlm.session(images, [PROBE] * len(images)) as (inputs, layouts, pads), torch.set_grad_enabled(grad):
         h = vlm.adapter.language_model().register_forward_pre_hook(pre, with_kwargs=True)
         try:
             vlm.model(**inputs)
@@ -398,12 +400,12 @@ def lm_input_tokens(vlm, images: list) -> list[tuple[torch.Tensor, Any]]:
     return out
 
 
-def screen_features(vlm, image, tile: int, max_tiles: int, batch: int = 16) -> ScreenFeatures:
-    """Keys of the whole screenshot read tile by tile (see module doc)."""
+def screen_features(vlm, image, tile: int, max_tiles: int, batch: int = 16, grad: bool = False) -> ScreenFeatures:
+    """Keys of the whole screenshot read tile by tile (see module doc); ``grad``: see :func:`lm_input_tokens`."""
     tiles, origins, s, (rows, cols) = tile_image(image, tile, max_tiles)
     got = []
     for i in range(0, len(tiles), batch):
-        got += lm_input_tokens(vlm, tiles[i:i + batch])
+        got += lm_input_tokens(vlm, tiles[i:i + batch], grad=grad)
     gr, gc = got[0][1].grid
     if any(v.grid != (gr, gc) for _, v in got):
         raise VlmkitError(f"{vlm.family}: tiles of one size gave different token grids")

@@ -1,0 +1,133 @@
+"""``vlmkit train-grounding --finetune-backbone``: head + vision tower + projector train, the language model does not,
+and a separate checkpoint (model + ``-pointer`` head) is written; the shipped default is never touched."""
+
+import argparse
+import hashlib
+import json
+
+import pytest
+import tiny
+import torch
+
+import vlmkit
+from vlmkit.errors import InputError, VlmkitError
+from vlmkit.grounding import finetune_grounding as fg
+from vlmkit.grounding import gui_cli, v2p
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A saved tiny LLaVA and a one-screen generated ScreenSpot set."""
+    from vlmkit.data import gui
+
+    root = tmp_path_factory.mktemp("ft")
+    model, proc = tiny.build("llava", pad=True)
+    model.save_pretrained(root / "base")
+    proc.save_pretrained(root / "base")
+    gui.build_set(root / "data", screens_per_template=1, templates=[0], platforms=("desktop",), max_targets=2)
+    return root
+
+
+def _shipped() -> dict:
+    """sha256 of every file of the shipped default model and its head."""
+    from vlmkit.default import CHECKPOINT_DIR
+
+    files = [p for d in (CHECKPOINT_DIR, v2p.default_head_dir()) if d.is_dir() for p in sorted(d.iterdir())]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
+
+
+def _cfg(vlm):
+    d = vlm.adapter.language_model().config.hidden_size
+    grid = v2p.lm_input_tokens(vlm, [fg._blank(16)])[0][1].grid
+    return v2p.HeadConfig(d_key=d, d_query=d, d_model=16, n_heads=4, tile=16, max_tiles=8, window=tuple(grid))
+
+
+def test_backbone_trains_language_model_does_not_resume_and_checkpoint_loads(base, tmp_path):
+    vlm = vlmkit.load(base / "base")
+    names = set(fg.backbone_parameters(vlm))
+    assert any("vision_tower" in n for n in names) and any("projector" in n for n in names)
+    assert not any("language_model" in n or "lm_head" in n for n in names)
+    before = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
+    st = fg.FinetuneSettings(steps=2, batch=1, lr=3e-3, backbone_lr=1e-2, save_every=1)
+    head = fg.finetune(vlm, base / "data", tmp_path / "run", _cfg(vlm), st, progress=False)
+    assert head.cfg.trained["steps"] == 2 and head.cfg.trained["finetuned_backbone"] is True
+    after = dict(vlm.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= names and any("vision_tower" in n for n in changed)
+    assert all(p.requires_grad for p in vlm.model.parameters())  # flags restored after training
+    head = fg.finetune(vlm, base / "data", tmp_path / "run", _cfg(vlm), fg.FinetuneSettings(**{**st.__dict__,
+                                                                                            "steps": 3}),
+                       progress=False)
+    assert head.cfg.trained["steps"] == 3  # resumed from state.pt, not restarted
+
+    out = fg.save_finetuned(vlm, head, tmp_path / "ft", {"base_backbone_sha256": "abc"})
+    assert (tmp_path / "ft-pointer" / v2p.HEAD_FILE).is_file()
+    again = vlmkit.load(out)
+    loaded = dict(again.model.named_parameters())
+    assert all(torch.equal(loaded[n], after[n].detach()) for n in changed)  # the fine-tuned weights were saved
+    g = v2p.make_grounder(again)
+    assert g.head is not None and g.head.cfg.trained["finetuned_backbone"] is True
+    assert g.head.cfg.trained["base_backbone_sha256"] == "abc"
+    assert all(torch.equal(a, b) for a, b in zip(g.head.state_dict().values(), head.state_dict().values()))
+    from PIL import Image
+
+    im = Image.open(next((base / "data" / "screenspot_imgs").iterdir()))
+    res = g.ground(im, "click save")
+    assert res.source == "pointer-head"
+    assert 0 <= res.point[0] <= im.width and 0 <= res.point[1] <= im.height
+    with pytest.raises(InputError, match="base checkpoint"):
+        fg.save_finetuned(vlm, head, base / "base")
+
+
+def _args(base, out, *extra):
+    parser = argparse.ArgumentParser()
+    gui_cli.add_parsers(parser.add_subparsers(dest="cmd"))
+    return parser.parse_args(["train-grounding", "--finetune-backbone", "--model", str(base / "base"), "--data",
+                              str(base / "data"), "--out", str(out), "--steps", "1", "--batch", "1", "--tile", "16",
+                              "--max-tiles", "8", "--d-model", "16", "--quiet", *extra])
+
+
+def test_cli_writes_separate_checkpoint_and_never_the_shipped_default(base, tmp_path, capsys):
+    shipped = _shipped()
+    args = _args(base, tmp_path / "o", "--install", "default")
+    with pytest.raises(InputError, match="--install default is refused"):
+        args.func(args)
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+    args = _args(base, tmp_path / "o2", "--install", str(vlmkit.models.vlm.default_model_path()))
+    with pytest.raises(InputError, match="shipped default"):
+        args.func(args)
+    args = _args(base, tmp_path / "o3", "--run", "r", "--backbone-lr", "0.01")
+    assert args.func(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    model, ptr = tmp_path / "o3" / "r" / "model", tmp_path / "o3" / "r" / "model-pointer"
+    assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
+    info = json.loads((ptr / v2p.CONFIG_FILE).read_text())["trained"]
+    base_sha = hashlib.sha256((base / "base" / "model.safetensors").read_bytes()).hexdigest()[:16]
+    new_sha = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()[:16]
+    assert info["finetuned_backbone"] is True and info["base_backbone_sha256"] == base_sha
+    assert info["backbone_sha256"] == new_sha != base_sha and info["backbone_lr"] == 0.01
+    assert v2p.head_dir_for(vlmkit.load(model)) == ptr.resolve()
+    assert _shipped() == shipped
+
+
+def test_families_without_a_trainable_vision_side_are_refused(base):
+    vlm = vlmkit.load(base / "base")
+
+    class OnlyLM(torch.nn.Module):  # a "VLM" whose every parameter belongs to the language model
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def get_input_embeddings(self):
+            return self.lm.embed_tokens
+
+        def get_output_embeddings(self):
+            return None
+
+    lm = vlm.adapter.language_model()
+    fake = argparse.Namespace(model=OnlyLM(lm), adapter=argparse.Namespace(language_model=lambda: lm), family="x")
+    with pytest.raises(VlmkitError, match="cannot be fine-tuned"):
+        fg.backbone_parameters(fake)
+    fake.model.proj = torch.nn.Linear(2, 2).half()
+    with pytest.raises(InputError, match="float32"):
+        fg.backbone_parameters(fake)

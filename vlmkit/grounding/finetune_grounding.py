@@ -1,0 +1,287 @@
+"""Train the pointer head TOGETHER with the backbone's vision side (``vlmkit train-grounding --finetune-backbone``).
+
+The frozen path (:mod:`vlmkit.grounding.train_grounding`) caches the backbone's outputs once and fits only the head.
+Here there is no cache: every step reads the screenshots' tiles through the vision tower and the multimodal
+projector **with gradients** (:func:`vlmkit.grounding.v2p.screen_features` with ``grad=True``, the same tiling and
+token boxes as at inference), so those parameters train with the head. The language model stays frozen: the keys are
+read at its input, and the query (its last hidden state for the whole screenshot + instruction) is computed without
+gradient, each step, by the current backbone, exactly as :class:`~vlmkit.grounding.v2p.Grounder` computes it later.
+
+* Trainable backbone parameters are found through the family adapter: everything of the model outside
+  ``adapter.language_model()`` and the input/output token embeddings (LLaVA: ``vision_tower`` +
+  ``multi_modal_projector``). A family with nothing there, or whose language-model input carries no gradient back
+  to those parameters, is refused with a clear error.
+* Same labels, losses, head configuration and schedule as the frozen trainer (warm-up, cosine over the step or
+  time budget, progress bar, resumable ``<run>/state.pt`` holding head + trained backbone parameters + optimiser).
+  The backbone's learning rate is separate (``--backbone-lr``, default ``0.1 x --lr``, no weight decay).
+* Output is a SEPARATE checkpoint: the whole fine-tuned model (``save_pretrained``) and processor in ``<run>/model``
+  and its head beside it in ``<run>/model-pointer`` (the place :func:`~vlmkit.grounding.v2p.head_dir_for` looks),
+  so ``make_grounder(vlmkit.load("<run>/model"))`` uses it. The head's provenance says ``finetuned_backbone: true``
+  with the base backbone's name and weights sha. The shipped default model and head are never written:
+  ``--install default`` is refused, as is any destination that is the default or the base checkpoint.
+
+Usage: ``vlmkit train-grounding --finetune-backbone --out runs/gui/ft --minutes 60 [--backbone-lr 1e-4]``, then
+``vlmkit ground shot.png "open settings" --model runs/gui/ft/finetune-gaussian-sup1/model``. The backbone runs in
+eval mode (no dropout) while it trains; only its parameters' values change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmkit.errors import InputError, VlmkitError
+from vlmkit.grounding import train_grounding as tg
+from vlmkit.grounding import v2p
+
+
+@dataclass
+class FinetuneSettings(tg.TrainSettings):
+    backbone_lr: float | None = None  # None: 0.1 x lr
+
+
+def pointer_dir(checkpoint: str | Path) -> Path:
+    """``<checkpoint>-pointer``: where :func:`v2p.head_dir_for` finds the head of a checkpoint."""
+    p = Path(checkpoint).resolve()
+    return p.parent / f"{p.name}-pointer"
+
+
+def check_args(args) -> None:
+    """Refuse option combinations that make no sense with ``--finetune-backbone`` (before loading anything)."""
+    if getattr(args, "install", None) == "default":
+        raise InputError("--install default is refused with --finetune-backbone: the shipped head belongs to the "
+                         "frozen default backbone; the fine-tuned model and head go to a separate checkpoint "
+                         "(<out>/<run>/model, or --install PATH)")
+    if getattr(args, "cache_only", False) or str(getattr(args, "cache_shard", "0/1")) != "0/1":
+        raise InputError("--cache-only / --cache-shard do not apply to --finetune-backbone (no feature cache)")
+
+
+def _check_dest(vlm, dest: Path) -> None:
+    from vlmkit.models.vlm import default_model_path
+
+    d, shipped = dest.resolve(), default_model_path().resolve().parent
+    base = Path(getattr(vlm.model.config, "_name_or_path", "") or "/nonexistent").resolve()
+    if d == shipped or shipped in d.parents:
+        raise InputError(f"{dest}: refusing to write a fine-tuned checkpoint among the shipped default checkpoints")
+    if d == base:
+        raise InputError(f"{dest}: refusing to overwrite the base checkpoint being fine-tuned")
+    cfg = pointer_dir(d) / v2p.CONFIG_FILE
+    if (d / "config.json").is_file() and not (cfg.is_file() and json.loads(cfg.read_text()).get(
+            "trained", {}).get("finetuned_backbone")):
+        raise InputError(f"{dest}: holds a checkpoint not written by --finetune-backbone; choose another path")
+
+
+def backbone_parameters(vlm) -> dict[str, torch.nn.Parameter]:
+    """Named parameters that shape the image tokens at the language-model input (vision tower, projector, ...)."""
+    model = vlm.model
+    frozen = {id(p) for p in vlm.adapter.language_model().parameters()}
+    for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if emb is not None:
+            frozen |= {id(p) for p in emb.parameters()}
+    out = {n: p for n, p in model.named_parameters() if id(p) not in frozen}
+    if not out:
+        raise VlmkitError(f"{vlm.family}: no vision-tower or projector parameters outside the language model; "
+                          "this family cannot be fine-tuned with --finetune-backbone")
+    bad = sorted({str(p.dtype) for p in out.values() if p.dtype != torch.float32})
+    if bad:
+        raise InputError(f"{vlm.family}: backbone weights are {', '.join(bad)}; fine-tuning needs float32 "
+                         "(load the model without --dtype)")
+    return out
+
+
+def _screens_by_size(data) -> tuple[Path, dict]:
+    """``(images dir, {(W, H): [(file name, samples)]})``: screenshots of one size share a token grid."""
+    from PIL import Image
+
+    images, groups = tg._groups(data)
+    by_size = defaultdict(list)
+    for name, samples in groups:
+        with Image.open(images / name) as im:
+            by_size[im.size].append((name, samples))
+    if not by_size:
+        raise InputError(f"{data}: no screenshots to train on")
+    return images, dict(by_size)
+
+
+def _batch(vlm, images: Path, screens, cfg: v2p.HeadConfig, dev):
+    """Keys WITH gradient and targets: ``(keys [B, N, d], pos [B, N, 2], valid [B, N], query [M, d] (no grad),
+    text [M, L], labels [M, N], image_index [M], grid)``."""
+    from vlmkit.io import load_image
+
+    feats, qs, texts, ys, idx = [], [], [], [], []
+    for b, (name, samples) in enumerate(screens):
+        im = load_image(images / name)
+        f = v2p.screen_features(vlm, im, cfg.tile, cfg.max_tiles, grad=True)
+        W, H = f.size
+        boxes = np.where(f.valid[:, None], f.boxes, 0.0)
+        for s in samples:
+            nb = s.norm_box(f.size)
+            y = v2p.token_labels(boxes, (nb[0] * W, nb[1] * H, nb[2] * W, nb[3] * H), cfg.label_style, cfg.k)
+            ys.append(torch.as_tensor(y, dtype=torch.float32))
+            texts.append((v2p.text_ids(s.instruction, cfg.text_buckets) if cfg.text_buckets else []) or [0])
+            idx.append(b)
+        qs.append(v2p.query_states(vlm, [im] * len(samples), [s.instruction for s in samples], cfg.prompt))
+        feats.append(f)
+    if len({f.grid for f in feats}) != 1:
+        raise VlmkitError("screenshots of one size gave different token grids")
+    if not feats[0].keys.requires_grad:
+        raise VlmkitError(f"{vlm.family}: the language model's input carries no gradient back to the vision tower; "
+                          "this family cannot be fine-tuned with --finetune-backbone")
+    m = max(len(t) for t in texts)
+    text = torch.as_tensor([t + [0] * (m - len(t)) for t in texts], device=dev)
+    return (torch.stack([f.keys for f in feats]).to(dev), torch.stack([f.pos() for f in feats]).to(dev),
+            torch.stack([torch.as_tensor(f.valid) for f in feats]).to(dev), torch.cat(qs).to(dev), text,
+            torch.stack(ys).to(dev), torch.as_tensor(idx, device=dev), feats[0].grid)
+
+
+def finetune(vlm, data, out, cfg: v2p.HeadConfig, st: FinetuneSettings, *, resume: bool = True,
+             progress: bool = True, log=None) -> v2p.PointerHead:
+    """Train head + vision tower + projector of ``vlm`` (in place) on a ScreenSpot-format set; returns the head.
+
+    ``out/state.pt`` is written every ``save_every`` steps and at the end; a later call with ``resume=True`` loads
+    the head, the trained backbone parameters and the optimiser from it and continues until the budget is spent.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, label_style=st.label_style, k=st.k, suppress_weight=st.suppress_weight)
+    images, by_size = _screens_by_size(data)
+    sizes = sorted(by_size)
+    weights = [len(by_size[s]) for s in sizes]
+    params = backbone_parameters(vlm)
+    dev = vlm.device
+    torch.manual_seed(st.seed)
+    head = v2p.PointerHead(cfg).to(dev)
+    blr = st.backbone_lr if st.backbone_lr is not None else 0.1 * st.lr
+    opt = torch.optim.AdamW([{"params": list(head.parameters()), "base_lr": st.lr, "weight_decay": 0.01},
+                             {"params": list(params.values()), "base_lr": blr, "weight_decay": 0.0}], lr=st.lr)
+    step, spent, rng = 0, 0.0, random.Random(st.seed)
+    state_path = out / "state.pt"
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=False, map_location=dev)
+        head.load_state_dict(state["head"])
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["backbone"][n])
+        opt.load_state_dict(state["opt"])
+        step, spent = state["step"], state["seconds"]
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save():
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"head": head.state_dict(), "backbone": {n: p.detach() for n, p in params.items()},
+                    "opt": opt.state_dict(), "step": step, "seconds": spent, "rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(), "cfg": cfg.__dict__}, tmp)
+        tmp.replace(state_path)
+
+    flags = {n: p.requires_grad for n, p in vlm.model.named_parameters()}
+    keep = {id(p) for p in params.values()}
+    for p in vlm.model.parameters():
+        p.requires_grad_(id(p) in keep)  # the language model and token embeddings stay frozen
+    head.train()
+    t0, spent0, ema, hit_ema = time.time(), spent, None, None
+    bar = tqdm(total=st.steps, initial=step, desc=f"finetune {cfg.label_style}", disable=not progress)
+    try:
+        while step < st.steps and spent < st.minutes * 60:
+            size = rng.choices(sizes, weights)[0]
+            screens = rng.sample(by_size[size], min(st.batch, len(by_size[size])))
+            keys, pos, valid, q, text, y, idx, grid = _batch(vlm, images, screens, cfg, dev)
+            logits = head(keys, pos, q, grid, valid, text, idx)
+            losses = v2p.pointer_losses(logits, y, valid[idx], cfg.suppress_weight)
+            opt.zero_grad()
+            done = min(1.0, max(step / max(st.steps, 1), spent / max(st.minutes * 60, 1e-9)))
+            for g in opt.param_groups:  # warm-up over 100 steps, cosine over the nearer budget (as the frozen path)
+                g["lr"] = g["base_lr"] * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * done))
+            losses["total"].backward()
+            if all(p.grad is None for p in params.values()):
+                raise VlmkitError(f"{vlm.family}: no gradient reached the vision tower or projector; this family "
+                                  "cannot be fine-tuned with --finetune-backbone")
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            opt.step()
+            step += 1
+            spent = spent0 + time.time() - t0
+            hit = (y.gather(1, logits.argmax(1, keepdim=True)) > 0).float().mean().item()
+            ema = losses["total"].item() if ema is None else 0.95 * ema + 0.05 * losses["total"].item()
+            hit_ema = hit if hit_ema is None else 0.95 * hit_ema + 0.05 * hit
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.3f}", hit=f"{hit_ema:.2f}", kl=f"{losses['kl'].item():.3f}")
+            if step % st.save_every == 0:
+                save()
+                if log:
+                    log(json.dumps({"step": step, "loss": round(ema, 4), "train_hit": round(hit_ema, 3),
+                                    "seconds": round(spent, 1), "finetune": True}))
+    finally:
+        bar.close()
+        for n, p in vlm.model.named_parameters():
+            p.requires_grad_(flags[n])
+    save()
+    head.cfg = replace(cfg, trained={"steps": step, "seconds": round(spent, 1), "batch": st.batch, "lr": st.lr,
+                                     "backbone_lr": float(f"{blr:.6g}"), "screenshots": sum(weights),
+                                     "examples": sum(len(s) for v in by_size.values() for _, s in v),
+                                     "finetuned_backbone": True})
+    return head.cpu().eval()
+
+
+def save_finetuned(vlm, head: v2p.PointerHead, dest: str | Path, provenance: dict | None = None) -> Path:
+    """Write the fine-tuned model + processor to ``dest`` and the head to ``<dest>-pointer``; returns ``dest``.
+
+    ``provenance`` (e.g. ``base_backbone``, ``base_backbone_sha256``, data) is added to the head's ``trained`` record
+    with ``finetuned_backbone: true`` and ``backbone_sha256`` of the written weights.
+    """
+    dest = Path(dest)
+    _check_dest(vlm, dest)
+    vlm.model.save_pretrained(dest)
+    vlm.processor.save_pretrained(dest)
+    w = dest / "model.safetensors"
+    sha = hashlib.sha256(w.read_bytes()).hexdigest()[:16] if w.is_file() else None
+    trained = {**head.cfg.trained, **(provenance or {}), "finetuned_backbone": True, "backbone_sha256": sha}
+    head.cfg = replace(head.cfg, backbone=str(dest), trained=trained)
+    v2p.save_head(head, pointer_dir(dest))
+    return dest
+
+
+def cmd_finetune(args, vlm, data: Path, tile: int, log) -> int:
+    """``vlmkit train-grounding --finetune-backbone`` (dispatched from :func:`gui_cli.cmd_train`)."""
+    from vlmkit.grounding.gui_cli import _provenance
+
+    check_args(args)
+    out = Path(args.out)
+    run = out / (args.run or f"finetune-{args.labels}-sup{args.suppress:g}")
+    dests = [run / "model"] + ([Path(args.install)] if args.install else [])
+    for d in dests:  # refuse before training, not after
+        _check_dest(vlm, d)
+    tile_grid = v2p.lm_input_tokens(vlm, [_blank(tile)])[0][1].grid
+    d = vlm.adapter.language_model().config.hidden_size
+    cfg = v2p.HeadConfig(d_key=d, d_query=d, text_buckets=0 if args.no_text else 4096, tile=tile,
+                         dropout=args.dropout, d_model=args.d_model, pos_freqs=args.pos_freqs,
+                         max_tiles=args.max_tiles, prompt=args.prompt, backbone=str(vlm.name),
+                         window=(0, 0) if args.global_attention else tuple(tile_grid))
+    st = FinetuneSettings(label_style=args.labels, k=args.k, suppress_weight=args.suppress, steps=args.steps,
+                          minutes=args.minutes, batch=args.batch, lr=args.lr, seed=args.seed,
+                          save_every=args.save_every, backbone_lr=args.backbone_lr)
+    base = _provenance(vlm, data)
+    prov = {"base_backbone": str(vlm.name), "base_backbone_sha256": base.pop("backbone_sha256"), **base}
+    head = finetune(vlm, data, run, cfg, st, resume=not args.restart, progress=not args.quiet, log=log)
+    for d in dests:
+        save_finetuned(vlm, head, d, prov)
+        log(f"saved fine-tuned checkpoint {d} + {pointer_dir(d)} ({head.cfg.trained})")
+        print(f"wrote {d} (head: {pointer_dir(d)})")
+    return 0
+
+
+def _blank(tile: int):
+    from PIL import Image
+
+    return Image.new("RGB", (tile, tile), (128, 128, 128))
