@@ -6,7 +6,7 @@ import pytest
 
 from vlmkit.data.scenes import generate_scene
 from vlmkit.default import CHECKPOINT_DIR
-from vlmkit.default.build import (GRID, N_IMAGE_TOKENS, build_model_and_processor, patch_coverage, prompt_text,
+from vlmkit.default.build import (GRID, IMAGE_SIZE, N_IMAGE_TOKENS, build_model_and_processor, patch_coverage, prompt_text,
                                   token_boxes)
 from vlmkit.default.qa import SKILLS, describe_answer, location_word, make_qa, negatives, pope_questions
 from vlmkit.default.tokenizer import build_tokenizer, unknown_words
@@ -95,7 +95,7 @@ def test_processor_shows_the_whole_image_as_64_tokens():
     assert model.config.vision_feature_layer == -1 and model.config.vision_feature_select_strategy == "default"
     img = generate_scene(3, size=(180, 96)).image
     enc = proc(images=img, text=prompt_text("Is there a red circle in the image?"), return_tensors="pt")
-    assert tuple(enc["pixel_values"].shape) == (1, 3, 96, 96)
+    assert tuple(enc["pixel_values"].shape) == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert int((enc["input_ids"] == model.config.image_token_id).sum()) == N_IMAGE_TOKENS
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
     assert proc.apply_chat_template(msgs, add_generation_prompt=True) == prompt_text("Describe the image.")

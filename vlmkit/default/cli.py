@@ -18,7 +18,7 @@ def _train(args) -> int:
     out = args.out or (Path(args.run_dir) / "smoke-model" if args.smoke else DEFAULT_OUT)
     train(out, minutes=minutes, smoke=args.smoke, resume=args.resume, run_dir=args.run_dir,
           n_scenes=args.scenes, eval_images=args.eval_images, steps_a=args.steps_a,
-          steps_b=args.steps_b)
+          steps_b=args.steps_b, answer_loss=args.answer_loss)
     print(f"saved model + metrics.json to {out}")
     return 0
 
@@ -35,11 +35,13 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--minutes", type=float, default=None, help="training budget in minutes (default 68; smoke 0.7)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
     p.add_argument("--run-dir", default="runs/default", help="scratch dir for checkpoints (default runs/default)")
-    p.add_argument("--scenes", type=int, default=None, help="training scenes (default 10000; smoke 300)")
+    p.add_argument("--scenes", type=int, default=None, help="training scenes (default 6000; smoke 300)")
     p.add_argument("--eval-images", type=int, default=None, help="held-out scenes to evaluate on (default 200)")
     p.add_argument("--steps-a", type=int, default=None, help="fix stage A to this many steps (overrides time)")
     p.add_argument("--steps-b", type=int, default=None, help="fix stage B to this many steps (overrides time)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--answer-loss", choices=("token", "answer"), default="token",
+                   help="average the answer loss over tokens (shipped recipe) or over answers")
     p.set_defaults(func=_train)
 
 

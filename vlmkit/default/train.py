@@ -1,6 +1,6 @@
 """Training recipe of the embedded default model (``vlmkit train-default``).
 
-Stage A (30% of the budget): dense per-patch pre-training of the vision tower alone. Linear heads on each of
+Stage A (25% of the budget): dense per-patch pre-training of the vision tower alone. Linear heads on each of
 the 64 patch features of the last layer predict the colour (8 + background) and shape (8 + background) of the object
 covering the patch and whether it holds an object's centre. Random horizontal flips.
 
@@ -8,7 +8,7 @@ Stage B (the rest): the tower is frozen (its features are cached); projector + l
 1-3 turn conversations (loss on the answer tokens), plus an auxiliary attention loss: at the row that predicts each
 answer's first token, the head-mean attention of language-model layers :data:`ATTN_LAYERS` over the 64 image tokens
 should fall on the patches of the objects the question is about (``-log`` of the fraction that does), weight
-:data:`ATTN_WEIGHT`. The answer loss weighs every answer equally (its tokens share weight 1). Questions without such objects (absent objects, list, describe) get no attention loss.
+:data:`ATTN_WEIGHT`. ``answer_loss`` chooses how answer tokens are averaged. Questions without such objects (absent objects, list, describe) get no attention loss.
 
 Data: scenes of the seeds ``TRAIN_SEED0 + i``; evaluation uses :data:`vlmkit.default.evaluate.EVAL_SEED0` onwards,
 never used here. Checkpoints every two minutes under ``runs/`` make the run resumable (``--resume``).
@@ -35,9 +35,9 @@ ATTN_LAYERS = (1, 2)
 ATTN_WEIGHT = 1.0
 IMG_START = 2                  # "user", ":" then the 64 image tokens
 CKPT_EVERY_S = 120
-STAGE_A_SHARE = 0.3
+STAGE_A_SHARE = 0.25
 BATCH_A, BATCH_B = 32, 32
-N_SCENES = 10000
+N_SCENES = 6000
 
 
 @dataclass
@@ -180,13 +180,17 @@ def _save_ckpt(path: Path, state: dict):
 
 def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool = False, run_dir="runs/default",
           n_scenes: int | None = None, eval_images: int | None = None, seed: int = 0,
-          steps_a: int | None = None, steps_b: int | None = None, log=print) -> dict:
+          steps_a: int | None = None, steps_b: int | None = None, answer_loss: str = "token", log=print) -> dict:
     """Train from scratch (or resume), save the model + processor into ``out_dir``, evaluate, write metrics.json.
 
-    The budget is wall-clock ``minutes`` (30% stage A, 70% stage B) unless ``steps_a`` / ``steps_b`` fix the number
+    The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
     of optimiser steps of a stage (then its learning-rate schedule runs over steps, and time does not matter).
-    Resuming a finished run with a larger budget continues stage B.
+    Resuming a finished run with a larger budget continues stage B. ``answer_loss``: "token" (every answer token
+    counts once: the shipped recipe) or "answer" (every answer counts once, so a yes/no answer weighs as much as a
+    description).
     """
+    if answer_loss not in ("token", "answer"):
+        raise ValueError(f"answer_loss={answer_loss!r}: use 'token' or 'answer'")
     from vlmkit.default.evaluate import evaluate
 
     t_start = time.time()
@@ -292,8 +296,11 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         logits, attns = lm_forward(model, feats[torch.as_tensor(idx)].to(dev), ids.to(dev), am.to(dev), True)
         tok_ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten().to(dev), ignore_index=-100,
                                  reduction="none")                                            # [B * (L-1)]
-        w = wt[:, 1:].flatten().to(dev)
-        ce = (tok_ce * w).sum() / w.sum()          # mean over answers of each answer's mean token loss
+        if answer_loss == "answer":                # mean over answers of each answer's mean token loss
+            w = wt[:, 1:].flatten().to(dev)
+        else:                                      # "token" (the shipped recipe): mean over answer tokens
+            w = (lab[:, 1:] != -100).flatten().float().to(dev)
+        ce = (tok_ce * w).sum() / w.sum()
         bi, ri, tg = [], [], []
         for b, (_, _, _, rows) in enumerate(seqs):
             for r, t in rows:
@@ -333,7 +340,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     train_info = {"minutes_budget": minutes, "smoke": smoke, "n_train_scenes": n, "train_seeds": [TRAIN_SEED0,
                   TRAIN_SEED0 + n - 1], "stage_a": state.get("stage_a"), "stage_a_steps": state.get("steps_a"), "stage_b_steps": state["step"],
                   "stage_b_minutes": round(state["elapsed"] / 60, 2),
-                  "attn_layers": list(ATTN_LAYERS), "attn_weight": ATTN_WEIGHT, "device": str(dev),
+                  "attn_layers": list(ATTN_LAYERS), "attn_weight": ATTN_WEIGHT, "answer_loss": answer_loss, "device": str(dev),
                   "wall_s_train": round(time.time() - t_start, 1)}
     metrics = evaluate(out, n_images=eval_images or (24 if smoke else 200), log=log)
     metrics["training"] = train_info
