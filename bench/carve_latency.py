@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--items", type=int, default=6)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="answer length cap (default: the VLM's)")
-    ap.add_argument("--all-configs", action="store_true", help="also final_batch=False, step_mode=weighted/last "
+    ap.add_argument("--all-configs", action="store_true", help="also final_batch=True, step_mode=weighted/last "
                                                                 "and final_input=original_plus_refined")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     data = items(args.items)
     configs = [{}]
     if args.all_configs:
-        configs += [{"final_batch": False}, {"step_mode": "weighted"}, {"step_mode": "last"},
+        configs += [{"final_batch": True}, {"step_mode": "weighted"}, {"step_mode": "last"},
                     {"final_input": "original_plus_refined"}]
     print(f"model: {what}; device: {args.device}; threads: {torch.get_num_threads()}; max_new_tokens: "
           f"{args.max_new_tokens or vlm.generation.max_new_tokens}; {len(data)} items x {args.repeats} interleaved "

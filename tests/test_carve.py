@@ -307,7 +307,13 @@ def test_reuse_image_features_encodes_each_image_once_and_restores(vlm):
         assert torch.allclose(again[0, -1], want[1, -1], atol=1e-5)
         assert torch.allclose(third, want_other, atol=1e-5)
         if vlm.family == "llava":
-            assert [s[0] for s in calls] == [1, 1] and "features" in store
+            assert [s[0] for s in calls] == [1, 1] and "pooler" in store
+            calls.clear()
+            with vlm.adapter.reuse_image_features(store):      # kept pixels + a new image: only the new one runs
+                mixed = vlm.forward([img, other], [Q1, Q1])
+            assert [s[0] for s in calls] == [1]
+            assert torch.allclose(mixed[0, -1], want[0, -1], atol=1e-5)
+            assert torch.allclose(mixed[1, -1], want_other[0, -1], atol=1e-5)
         assert base.get_image_features is counting          # the earlier override is back
     finally:
         del base.get_image_features
@@ -328,5 +334,16 @@ def test_cached_carve_call_skips_the_vision_encoder(vlm):
         del base.get_image_features
     assert second.general_cached and second.answer == first.answer
     assert second.original_answer == first.original_answer
-    if vlm.family == "llava":  # original image: reused; the refined image is new and encoded (batched with it)
+    if vlm.family == "llava":  # original image: reused in both passes; only the refined image is encoded
         assert len(calls) == 1
+
+
+def test_batched_final_answers_original_and_refined_together(vlm, monkeypatch):
+    carver = Carve(final_batch=True, max_new_tokens=N)
+    img = _img(30, 42, 7)
+    carver(img, Q2, vlm=vlm)
+    count = Counter(vlm, monkeypatch)
+    res = carver(img, Q1, vlm=vlm)  # cached: a one-token question pass, then [original, refined] in one batch
+    assert count.calls == [[Q1], [Q1, Q1]]
+    assert res.original_answer == vlm.ask(img, Q1, max_new_tokens=N)
+    assert res.answer == vlm.ask(res.refined_image, Q1, max_new_tokens=N)

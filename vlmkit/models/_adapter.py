@@ -119,41 +119,44 @@ class FamilyAdapter:
     def reuse_image_features(self, store: dict):
         """Inside the block the vision encoder runs at most once per distinct image.
 
-        Wraps the base model's ``get_image_features`` (the one call generate and forward make for pixels): the
-        per-image features of a one-image call are kept in ``store`` (``pixel_values`` + the ``pooler_output``
-        list, nothing else) and returned again when the same pixels come back; a ``[B, C, H, W]`` batch of one image
-        repeated is encoded once and its features repeated. Other calls run as usual. Always restored.
+        Wraps the base model's ``get_image_features`` (the one call generate and forward make for pixels) for
+        ``[B, C, H, W]`` pixel batches (LLaVA-style; other layouts run as usual): ``store`` keeps one image's pixels
+        and its per-image ``pooler_output`` (nothing else); rows equal to the kept pixels reuse it, a batch of one
+        new image repeated is encoded once (and kept), and only the remaining distinct rows are encoded. Always
+        restored.
         """
         base = self.model.base_model
         original = base.get_image_features          # bound method (or an earlier instance override)
         had_own = "get_image_features" in vars(base)
 
-        def one(out):
-            return type(out)(pooler_output=list(out.pooler_output))
+        def rows(kw: dict, n: int, sel: torch.Tensor) -> dict:  # per-image kwargs (e.g. image_sizes) of rows sel
+            return {k: (v[sel] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v)
+                    for k, v in kw.items()}
 
         @functools.wraps(original)  # generate() reads the encoder's parameter names from its signature
         def wrapped(*args, **kw):
-            pv = kw.get("pixel_values")
+            pv = kw.pop("pixel_values", None)
             if args or not isinstance(pv, torch.Tensor) or pv.dim() != 4:
-                return original(*args, **kw)
-            kw = {k: v for k, v in kw.items() if k != "pixel_values"}
-            pixel_values = pv
+                return original(*args, pixel_values=pv, **kw) if pv is not None else original(*args, **kw)
             n = pv.shape[0]
             kept = store.get("pixel_values")
-            same = kept is not None and kept.shape == pv.shape[1:] and kept.device == pv.device and all(
-                torch.equal(kept, pv[i]) for i in range(n))
-            if not same:
-                if n > 1 and not all(torch.equal(pv[0], pv[i]) for i in range(1, n)):
-                    return original(pixel_values=pixel_values, **kw)
-                sub = {k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v)
-                       for k, v in kw.items()}
-                out = original(pixel_values=pv[:1], **sub)
+            if kept is None or kept.shape != pv.shape[1:] or kept.device != pv.device:
+                kept = None
+            reuse = torch.tensor([kept is not None and torch.equal(kept, pv[i]) for i in range(n)])
+            if not reuse.any() and all(torch.equal(pv[0], pv[i]) for i in range(1, n)):  # one new image, kept
+                out = original(pixel_values=pv[:1], **rows(kw, n, torch.tensor([0])))
                 if not hasattr(out, "pooler_output") or len(out.pooler_output) != 1:
-                    return original(pixel_values=pixel_values, **kw)
+                    return original(pixel_values=pv, **kw)
                 store.clear()
-                store.update(pixel_values=pv[0].detach().clone(), features=one(out))
-            feats = store["features"]
-            return type(feats)(pooler_output=list(feats.pooler_output) * n)
+                store.update(pixel_values=pv[0].detach().clone(), pooler=list(out.pooler_output), type=type(out))
+                return type(out)(pooler_output=store["pooler"] * n)
+            if not reuse.any():
+                return original(pixel_values=pv, **kw)
+            if reuse.all():
+                return store["type"](pooler_output=store["pooler"] * n)
+            new = original(pixel_values=pv[~reuse], **rows(kw, n, ~reuse))
+            fresh = iter(new.pooler_output)
+            return type(new)(pooler_output=[store["pooler"][0] if r else next(fresh) for r in reuse.tolist()])
 
         base.get_image_features = wrapped
         try:
