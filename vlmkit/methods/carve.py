@@ -450,7 +450,7 @@ class Carve:
         pil = load_image(image)
         q_text, g_text = question + self.answer_suffix, self.general_instruction + self.answer_suffix
         layers = self.resolve_layers(vlm.adapter.num_layers)
-        digest = hashlib.blake2b(pil.tobytes(), digest_size=16).hexdigest()
+        digest = hashlib.sha256(pil.tobytes()).hexdigest()[:32]  # SHA-NI: ~2x faster than blake2b here
         key = (id(vlm.model), vlm.name, pil.size, digest, g_text, tuple(layers))
         cap = 1 if self.step_mode == "first" else self.general_max_new_tokens  # general rows ever needed
         entry = self._get(key)
