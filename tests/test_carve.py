@@ -347,3 +347,33 @@ def test_batched_final_answers_original_and_refined_together(vlm, monkeypatch):
     assert count.calls == [[Q1], [Q1, Q1]]
     assert res.original_answer == vlm.ask(img, Q1, max_new_tokens=N)
     assert res.answer == vlm.ask(res.refined_image, Q1, max_new_tokens=N)
+
+
+def test_reuse_processed_image_runs_the_image_processor_once(vlm):
+    img, other = _img(40, 32, 8), _img(40, 32, 9)
+    proc = vlm.processor
+    real = proc.image_processor
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, images, *a, **kw):
+            calls.append(len(images) if isinstance(images, (list, tuple)) else 1)
+            return real(images, *a, **kw)
+
+    want = vlm.forward([img], [Q1])
+    proc.image_processor = Counting()
+    try:
+        store = {}
+        with vlm.adapter.reuse_processed_image(img, store):
+            first = vlm.forward([img], [Q1])
+            second = vlm.forward([img.copy()], [Q2])    # same pixels: the kept output is reused
+            vlm.forward([other], [Q1])                  # another image: processed as usual
+            vlm.forward([img, img], [Q1, Q2])           # several images: processed as usual
+        assert calls == [1, 1, 2] and "processed" in store
+        assert isinstance(proc.image_processor, Counting)   # restored
+    finally:
+        proc.image_processor = real
+    assert torch.allclose(first, want, atol=1e-6) and second.shape[0] == 1

@@ -468,7 +468,7 @@ class Carve:
         rows = [-1] if self.step_mode == "first" else "last"  # "first" needs only the last prompt row
         features = entry.features if entry is not None else {}
         with vlm.capture(layers=layers, rows=rows) as rec, vlm.intervene(*extra), \
-                vlm.adapter.reuse_image_features(features):
+                vlm.adapter.reuse_image_features(features), vlm.adapter.reuse_processed_image(pil, features):
             answers = vlm.generate([pil] * len(texts), texts, max_new_tokens=longest)
         a_q = head_mean_rows(rec.samples[0])
         general_cached = entry is not None

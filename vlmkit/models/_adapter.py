@@ -116,6 +116,37 @@ class FamilyAdapter:
             inner.rope_deltas = None
 
     @contextmanager
+    def reuse_processed_image(self, image, store: dict):
+        """Inside the block, a processor call whose only image has ``image``'s pixels (a PIL image, compared byte for
+        byte) reuses the image processor's output kept in ``store["processed"]`` (computed by the first such call).
+        ``store`` must belong to these pixels (e.g. a cache entry keyed by a pixel hash). Always restored."""
+        proc = self.processor
+        real = proc.image_processor
+        size, mode, pixels = image.size, image.mode, image.tobytes()
+
+        def same(x) -> bool:
+            return getattr(x, "size", None) == size and getattr(x, "mode", None) == mode and x.tobytes() == pixels
+
+        class _Reuse:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def __call__(self, images, *args, **kw):
+                flat = images if isinstance(images, (list, tuple)) else [images]
+                if len(flat) != 1 or not same(flat[0]):
+                    return real(images, *args, **kw)
+                if "processed" not in store:
+                    store["processed"] = real(images, *args, **kw)
+                out = store["processed"]
+                return type(out)(data=dict(out))        # a fresh container: callers may pop or move fields
+
+        proc.image_processor = _Reuse()
+        try:
+            yield store
+        finally:
+            proc.image_processor = real
+
+    @contextmanager
     def reuse_image_features(self, store: dict):
         """Inside the block the vision encoder runs at most once per distinct image.
 
