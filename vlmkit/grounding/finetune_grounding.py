@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import time
 from collections import defaultdict
@@ -190,7 +189,7 @@ def finetune(vlm, data, out, cfg: v2p.HeadConfig, st: FinetuneSettings, *, resum
     for p in vlm.model.parameters():
         p.requires_grad_(id(p) in keep)  # the language model and token embeddings stay frozen
     head.train()
-    t0, spent0, ema, hit_ema = time.time(), spent, None, None
+    t0, spent0, ema = time.time(), spent, {}
     bar = tqdm(total=st.steps, initial=step, desc=f"finetune {cfg.label_style}", disable=not progress)
     try:
         while step < st.steps and spent < st.minutes * 60:
@@ -200,9 +199,8 @@ def finetune(vlm, data, out, cfg: v2p.HeadConfig, st: FinetuneSettings, *, resum
             logits = head(keys, pos, q, grid, valid, text, idx)
             losses = v2p.pointer_losses(logits, y, valid[idx], cfg.suppress_weight)
             opt.zero_grad()
-            done = min(1.0, max(step / max(st.steps, 1), spent / max(st.minutes * 60, 1e-9)))
-            for g in opt.param_groups:  # warm-up over 100 steps, cosine over the nearer budget (as the frozen path)
-                g["lr"] = g["base_lr"] * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * done))
+            for g in opt.param_groups:  # the frozen path's schedule
+                g["lr"] = g["base_lr"] * tg.lr_scale(step, spent, st.steps, st.minutes)
             losses["total"].backward()
             if all(p.grad is None for p in params.values()):
                 raise VlmkitError(f"{vlm.family}: no gradient reached the vision tower or projector; this family "
@@ -212,15 +210,13 @@ def finetune(vlm, data, out, cfg: v2p.HeadConfig, st: FinetuneSettings, *, resum
             opt.step()
             step += 1
             spent = spent0 + time.time() - t0
-            hit = (y.gather(1, logits.argmax(1, keepdim=True)) > 0).float().mean().item()
-            ema = losses["total"].item() if ema is None else 0.95 * ema + 0.05 * losses["total"].item()
-            hit_ema = hit if hit_ema is None else 0.95 * hit_ema + 0.05 * hit
+            tg.track(ema, losses, logits, y)
             bar.update(1)
-            bar.set_postfix(loss=f"{ema:.3f}", hit=f"{hit_ema:.2f}", kl=f"{losses['kl'].item():.3f}")
+            bar.set_postfix(loss=f"{ema['loss']:.3f}", hit=f"{ema['hit']:.2f}", kl=f"{losses['kl'].item():.3f}")
             if step % st.save_every == 0:
                 save()
                 if log:
-                    log(json.dumps({"step": step, "loss": round(ema, 4), "train_hit": round(hit_ema, 3),
+                    log(json.dumps({"step": step, "loss": round(ema["loss"], 4), "train_hit": round(ema["hit"], 3),
                                     "seconds": round(spent, 1), "finetune": True}))
     finally:
         bar.close()

@@ -133,6 +133,21 @@ class TrainSettings:
     seed: int = 0
 
 
+def lr_scale(step: int, spent: float, steps: int, minutes: float) -> float:
+    """Learning-rate factor: warm-up over 100 steps, then a cosine over whichever budget (steps or minutes) is
+    nearer its end."""
+    done = min(1.0, max(step / max(steps, 1), spent / max(minutes * 60, 1e-9)))
+    return min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * done))
+
+
+def track(ema: dict, losses: dict, logits: torch.Tensor, y: torch.Tensor) -> None:
+    """Update running averages (0.95) of the total loss and of the arg-max-inside-the-box rate in ``ema``
+    (keys ``loss`` / ``hit``; empty on the first step). ``logits``, ``y``: ``[B, N]``."""
+    hit = (y.gather(1, logits.argmax(1, keepdim=True)) > 0).float().mean().item()
+    for key, value in (("loss", losses["total"].item()), ("hit", hit)):
+        ema[key] = value if key not in ema else 0.95 * ema[key] + 0.05 * value
+
+
 def train(rows: list[dict], cfg: v2p.HeadConfig, out: str | Path, st: TrainSettings, *, resume: bool = True,
           progress: bool = True, log=None) -> v2p.PointerHead:
     """Fit a head on cached rows; checkpoint ``out/state.pt`` every ``save_every`` steps and when time is up.
@@ -150,10 +165,9 @@ def train(rows: list[dict], cfg: v2p.HeadConfig, out: str | Path, st: TrainSetti
     head = v2p.PointerHead(cfg)
     opt = torch.optim.AdamW(head.parameters(), lr=st.lr, weight_decay=0.01)
 
-    def set_lr() -> None:  # warm-up over 100 steps, cosine over the budget (steps or minutes, whichever is nearer)
-        done = min(1.0, max(step / max(st.steps, 1), spent / max(st.minutes * 60, 1e-9)))
+    def set_lr() -> None:
         for g in opt.param_groups:
-            g["lr"] = st.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * done))
+            g["lr"] = st.lr * lr_scale(step, spent, st.steps, st.minutes)
     step, spent, rng = 0, 0.0, random.Random(st.seed)
     state_path = out / "state.pt"
     if resume and state_path.exists():
@@ -180,7 +194,7 @@ def train(rows: list[dict], cfg: v2p.HeadConfig, out: str | Path, st: TrainSetti
     head.train()
     t0, spent0 = time.time(), spent
     bar = tqdm(total=st.steps, initial=step, desc=f"train {cfg.label_style}", disable=not progress)
-    ema = hit_ema = None
+    ema: dict = {}
     while step < st.steps and spent < st.minutes * 60:
         g = rng.choices(grids, weights)[0]
         screens = rng.sample(by_grid[g], min(st.batch, len(by_grid[g])))
@@ -194,15 +208,13 @@ def train(rows: list[dict], cfg: v2p.HeadConfig, out: str | Path, st: TrainSetti
         opt.step()
         step += 1
         spent = spent0 + time.time() - t0
-        hit = (y.gather(1, logits.argmax(1, keepdim=True)) > 0).float().mean().item()  # arg-max inside the box
-        ema = losses["total"].item() if ema is None else 0.95 * ema + 0.05 * losses["total"].item()
-        hit_ema = hit if hit_ema is None else 0.95 * hit_ema + 0.05 * hit
+        track(ema, losses, logits, y)
         bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}", hit=f"{hit_ema:.2f}", kl=f"{losses['kl'].item():.3f}", sup=f"{losses['suppress'].item():.3f}")
+        bar.set_postfix(loss=f"{ema['loss']:.3f}", hit=f"{ema['hit']:.2f}", kl=f"{losses['kl'].item():.3f}", sup=f"{losses['suppress'].item():.3f}")
         if step % st.save_every == 0:
             save()
             if log:
-                log(json.dumps({"step": step, "loss": round(ema, 4), "train_hit": round(hit_ema, 3),
+                log(json.dumps({"step": step, "loss": round(ema["loss"], 4), "train_hit": round(ema["hit"], 3),
                                 "seconds": round(spent, 1)}))
     bar.close()
     save()
