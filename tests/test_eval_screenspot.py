@@ -188,3 +188,11 @@ def test_no_data_generates_heldout_set_and_uses_pointer_head(tmp_path):
     assert res["metrics"]["overall"]["n"] == 6 and res["prompt"] is not None
     preds = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and all(p["answer"].startswith("[") for p in preds)  # the head answers with points
+
+
+def test_no_data_with_processes_and_a_model_path_asks_for_a_grounder_factory(tmp_path, capsys):
+    from vlmkit.cli import main
+
+    rc = main(["eval", "screenspot", "--screens", "1", "--limit", "2", "--num-processes", "2", "--model",
+               str(tmp_path / "some-model"), "--out", str(tmp_path / "out"), "--quiet"])
+    assert rc == 1 and "factory" in capsys.readouterr().err  # not text answers scored silently

@@ -198,6 +198,11 @@ def eval_screenspot(args: argparse.Namespace, vlm: Any = None) -> dict:
             from vlmkit.grounding.v2p import make_grounder
 
             vlm = make_grounder(make_vlm(args.model, args.device, args.dtype))
+        elif vlm is None and args.model is None:   # each worker builds the default grounder
+            args.model = "vlmkit.grounding.v2p:default_grounder"
+        elif vlm is None and ":" not in args.model:
+            raise InputError("--num-processes with --model PATH and no --data: pass --model package.module:factory "
+                             "returning a grounder (e.g. vlmkit.grounding.v2p.make_grounder on your model)")
     samples, load_errors, formats = ss_mod.load_screenspot(args.data, args.format, args.box_format)
     images = Path(args.images) if args.images else ss_mod.default_images_dir(args.data)
     template = args.prompt or SCREENSPOT_PROMPT
