@@ -8,7 +8,8 @@ Stage B (the rest): the tower is frozen (its features are cached); projector + l
 1-3 turn conversations (loss on the answer tokens), plus an auxiliary attention loss: at the row that predicts each
 answer's first token, the head-mean attention of language-model layers :data:`ATTN_LAYERS` over the 64 image tokens
 should fall on the patches of the objects the question is about (``-log`` of the fraction that does), weight
-:data:`ATTN_WEIGHT`. ``answer_loss`` chooses how answer tokens are averaged. Questions without such objects (absent objects, list, describe) get no attention loss.
+:data:`ATTN_WEIGHT`. ``answer_loss`` chooses how answer tokens are averaged. Questions without such objects (absent
+objects, list, describe) get no attention loss.
 
 Data: scenes of the seeds ``TRAIN_SEED0 + i``; evaluation uses :data:`vlmkit.default.evaluate.EVAL_SEED0` onwards,
 never used here. Checkpoints every two minutes under ``runs/`` make the run resumable (``--resume``).

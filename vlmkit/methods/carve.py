@@ -334,8 +334,8 @@ class Carve:
     ``general_instruction``, ``answer_suffix`` (appended to both prompts), ``max_new_tokens`` (None: the VLM's),
     ``general_max_new_tokens`` (steps recorded for the general pass), ``final_batch`` (default False: the question
     pass generates the original answer, then the refined answer alone; True with first + refined_only: a
-    prefill-only question pass, then original and refined answers in one batch — measured 2.08x vs 1.93x a plain
-    answer on the default model, see bench/carve_latency.py), ``work_max_side``, ``cache_size``.
+    prefill-only question pass, then original and refined answers in one batch — slower on the default model:
+    ``bench/carve_latency.py --all-configs``), ``work_max_side``, ``cache_size``.
     """
 
     def __init__(self, *, layers=(20 / 32, 26 / 32), lam: float = 0.05, lam_relative: bool = True,
