@@ -3,8 +3,9 @@
 Tabs (laid out in :mod:`vlmkit._app_tabs`, one named API route each): Ask (/ask), CARVE (/carve), Hallucination
 fixes (/fixes), Detect (/detect: VL-SAM masks + boxes; disabled with the reason shown when no SAM loads) and GUI
 grounding (/ground: click point, candidates, heat map; attention-only when the model has no pointer head). Requests
-on the one model are serialised (queue concurrency 1 per route plus the ``VLM`` lock), uploads are decoded by Gradio into PIL images (no client-supplied path is opened), image size is
-capped, and errors are shown in the UI as messages, never as stack traces. Binds to 127.0.0.1 unless told otherwise.
+on the one model are serialised (queue concurrency 1 per route plus the ``VLM`` lock), uploads are decoded by Gradio
+into PIL images (no client-supplied path is opened), image size is capped, and errors are shown in the UI as
+messages, never as stack traces. Binds to 127.0.0.1 unless told otherwise.
 
     python apps/demo.py [--port N] [--host H] [--model PATH] [--sam-checkpoint PATH]
 """

@@ -341,7 +341,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     train_info = {"minutes_budget": minutes, "smoke": smoke, "n_train_scenes": n, "train_seeds": [TRAIN_SEED0,
                   TRAIN_SEED0 + n - 1], "stage_a": state.get("stage_a"), "stage_a_steps": state.get("steps_a"), "stage_b_steps": state["step"],
                   "stage_b_minutes": round(state["elapsed"] / 60, 2),
-                  "attn_layers": list(ATTN_LAYERS), "attn_weight": ATTN_WEIGHT, "answer_loss": answer_loss, "device": str(dev),
+                  "attn_layers": list(ATTN_LAYERS), "attn_weight": ATTN_WEIGHT, "answer_loss": answer_loss,
+                  "device": str(dev),
                   "wall_s_train": round(time.time() - t_start, 1)}
     metrics = evaluate(out, n_images=eval_images or (24 if smoke else 200), log=log)
     metrics["training"] = train_info

@@ -232,9 +232,10 @@ def _command(task: str):
 
 # ------------------------------------------------------------------------------------------------ parsers
 def _common(p: argparse.ArgumentParser, task: str) -> None:
+    ss_help = ("annotation file or directory (v1/v2 json, Pro annotations/; default: a generated held-out GUI set, "
+               "answered by the default model's pointer head)")
     p.add_argument("--data", help="data file or directory (default: a generated scene set)"
-                   if task != "screenspot" else "annotation file or directory (v1/v2 json, Pro annotations/; default: a "
-                   "generated held-out GUI set, answered by the default model's pointer head)")
+                   if task != "screenspot" else ss_help)
     p.add_argument("--images", help="image directory (default: next to the data)")
     p.add_argument("--model", help="checkpoint path or hub id for vlmkit.load, or module:factory (default model)")
     p.add_argument("--device", default="cpu")
