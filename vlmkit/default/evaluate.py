@@ -10,7 +10,6 @@ POPE scoring: the answer counts as "no" if its first word is "no" (or it contain
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
