@@ -144,3 +144,24 @@ def test_smoke_recipe_trains_saves_resumes_and_evaluates(tmp_path):
     m2 = train(tmp_path / "model2", minutes=0.08, smoke=True, resume=True, run_dir=tmp_path / "run", n_scenes=24,
                eval_images=4, log=lambda *_: None)
     assert m2["training"]["stage_b_steps"] >= m["training"]["stage_b_steps"]
+
+
+def test_curriculum_starts_on_easy_scenes_and_ends_uniform():
+    from vlmkit.default.train import CURRICULUM, Obj, Record, is_easy, p_easy
+
+    hold, end = CURRICULUM
+    assert p_easy(0.0) == 1.0 and p_easy(hold * 0.99) == 1.0
+    assert 0.0 < p_easy((hold + end) / 2) < 1.0
+    assert p_easy(end) == 0.0 and p_easy(1.0) == 0.0
+    assert all(p_easy(a) >= p_easy(b) for a, b in zip(np.linspace(0, 1, 20), np.linspace(0, 1, 20)[1:]))
+
+    def rec(cells):  # one object per entry, covering ``cells`` token cells
+        cov = np.zeros((len(cells), N_IMAGE_TOKENS), np.float16)
+        for k, c in enumerate(cells):
+            cov[k, :int(c)] = 1.0
+            cov[k, int(c)] = c - int(c)
+        return Record(96, 96, [Obj("circle", "red", (0, 0, 1, 1), (0, 0))] * len(cells), cov)
+
+    assert is_easy(rec([1.0, 4.0]))
+    assert not is_easy(rec([0.5, 4.0]))                 # one object smaller than a token cell
+    assert not is_easy(rec([2.0, 2.0, 2.0, 2.0]))       # more than three objects

@@ -1,8 +1,8 @@
 """Training recipe of the embedded default model (``vlmkit train-default``).
 
-Stage A (25% of the budget): dense per-patch pre-training of the vision tower alone. Linear heads on each of
-the 64 patch features of the last layer predict the colour (8 + background) and shape (8 + background) of the object
-covering the patch and whether it holds an object's centre. Random horizontal flips.
+Stage A (:data:`STEPS` [0] steps, or 25% of a time budget): dense per-patch pre-training of the vision tower
+alone. Linear heads on each of the 64 patch features of the last layer predict the colour (8 + background) and shape
+(8 + background) of the object covering the patch and whether it holds an object's centre. Random horizontal flips.
 
 Stage B (the rest): the tower is frozen (its features are cached); projector + language model learn every skill from
 1-3 turn conversations (loss on the answer tokens), plus an auxiliary attention loss: at the row that predicts each
@@ -10,6 +10,12 @@ answer's first token, the head-mean attention of language-model layers :data:`AT
 should fall on the patches of the objects the question is about (``-log`` of the fraction that does), weight
 :data:`ATTN_WEIGHT`. ``answer_loss`` chooses how answer tokens are averaged. Questions without such objects (absent
 objects, list, describe) get no attention loss.
+
+Curriculum: most generated objects are small once a scene is resized to 96 px (median ~0.6 of a token cell), and on
+such scenes the language model does not discover which image tokens a question is about. So stage B starts on "easy"
+scenes only (:func:`is_easy`: at most 3 objects, each covering at least one token cell), then mixes in the rest:
+the chance of drawing an easy scene is 1 for the first :data:`CURRICULUM` [0] of the steps and falls linearly to 0
+(uniform sampling over all scenes) at :data:`CURRICULUM` [1].
 
 Data: scenes of the seeds ``TRAIN_SEED0 + i``; evaluation uses :data:`vlmkit.default.evaluate.EVAL_SEED0` onwards,
 never used here. Checkpoints every two minutes under ``runs/`` make the run resumable (``--resume``).
@@ -38,7 +44,9 @@ IMG_START = 2                  # "user", ":" then the 64 image tokens
 CKPT_EVERY_S = 120
 STAGE_A_SHARE = 0.25
 BATCH_A, BATCH_B = 32, 32
-N_SCENES = 6000
+N_SCENES = 8000
+CURRICULUM = (0.3, 0.6)
+STEPS = (8000, 6000)           # the shipped run's stage A / stage B optimiser steps (CLI default)
 
 
 @dataclass
@@ -106,6 +114,18 @@ def build_pool(n: int, processor, *, smoke: bool = False, seed0: int = TRAIN_SEE
     pix, col, shp, cen, recs = zip(*out)
     return (torch.stack(pix), torch.as_tensor(np.stack(col)), torch.as_tensor(np.stack(shp)),
             torch.as_tensor(np.stack(cen)), list(recs))
+
+
+def is_easy(record: Record) -> bool:
+    """At most 3 objects, each covering at least one of the 64 token cells."""
+    return len(record.objects) <= 3 and float(record.coverage.astype(np.float32).sum(1).min()) >= 1.0
+
+
+def p_easy(frac: float, schedule: tuple[float, float] | None = None) -> float:
+    """Chance of drawing an easy scene at training progress ``frac`` in [0, 1] (``schedule``: hold, end; default
+    :data:`CURRICULUM`)."""
+    hold, end = schedule or CURRICULUM
+    return 1.0 if frac < hold else max(0.0, (end - frac) / (end - hold))
 
 
 def normalize(pix_u8: torch.Tensor, processor) -> torch.Tensor:
@@ -277,6 +297,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         opt.load_state_dict(ck["opt"])
         fresh_from = -10**9
     rng = np.random.default_rng([seed, 99, state["step"]])
+    easy = np.array([i for i, r in enumerate(recs) if is_easy(r)])
+    log(f"curriculum: {len(easy)} easy scenes of {n}")
     bar = _bar("stage B (QA + attention)", steps_b, budget_b, state)
     t0, last_ck = time.time() - state["elapsed"], time.time()
     pad = processor.tokenizer.pad_token_id
@@ -285,6 +307,9 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         for grp in opt.param_groups:
             grp["lr"] = _lr(frac, 1.5e-3) * min(1.0, (state["step"] - fresh_from + 1) / 50)
         idx = rng.integers(0, n, BATCH_B)
+        if len(easy):
+            pick = rng.random(BATCH_B) < p_easy(frac)
+            idx[pick] = easy[rng.integers(0, len(easy), int(pick.sum()))]
         seqs = [encode_conversation(conversation(recs[i], rng), tok, recs[i]) for i in idx]
         L = max(len(s[0]) for s in seqs)
         ids = torch.full((len(seqs), L), pad)
@@ -341,7 +366,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     train_info = {"minutes_budget": minutes, "smoke": smoke, "n_train_scenes": n, "train_seeds": [TRAIN_SEED0,
                   TRAIN_SEED0 + n - 1], "stage_a": state.get("stage_a"), "stage_a_steps": state.get("steps_a"), "stage_b_steps": state["step"],
                   "stage_b_minutes": round(state["elapsed"] / 60, 2),
-                  "attn_layers": list(ATTN_LAYERS), "attn_weight": ATTN_WEIGHT, "answer_loss": answer_loss,
+                  "attn_layers": list(ATTN_LAYERS), "curriculum": list(CURRICULUM), "attn_weight": ATTN_WEIGHT, "answer_loss": answer_loss,
                   "device": str(dev),
                   "wall_s_train": round(time.time() - t_start, 1)}
     metrics = evaluate(out, n_images=eval_images or (24 if smoke else 200), log=log)
