@@ -38,7 +38,7 @@ def add_parsers(subparsers) -> None:
                    help=f"output directory (default: the packaged checkpoint {DEFAULT_OUT}; with --smoke: "
                         "RUN_DIR/smoke-model)")
     p.add_argument("--smoke", action="store_true", help="tiny run (~1 minute) to check the recipe end to end")
-    p.add_argument("--minutes", type=float, default=None, 
+    p.add_argument("--minutes", type=float, default=None,
                    help="time budget in minutes instead of the shipped step counts (smoke: 0.7)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
     p.add_argument("--run-dir", default="runs/default", help="scratch dir for checkpoints (default runs/default)")

@@ -121,10 +121,9 @@ def is_easy(record: Record) -> bool:
     return len(record.objects) <= 3 and float(record.coverage.astype(np.float32).sum(1).min()) >= 1.0
 
 
-def p_easy(frac: float, schedule: tuple[float, float] | None = None) -> float:
-    """Chance of drawing an easy scene at training progress ``frac`` in [0, 1] (``schedule``: hold, end; default
-    :data:`CURRICULUM`)."""
-    hold, end = schedule or CURRICULUM
+def p_easy(frac: float, schedule: tuple[float, float] = CURRICULUM) -> float:
+    """Chance of drawing an easy scene at training progress ``frac`` in [0, 1] (``schedule``: hold, end)."""
+    hold, end = schedule
     return 1.0 if frac < hold else max(0.0, (end - frac) / (end - hold))
 
 
@@ -201,14 +200,15 @@ def _save_ckpt(path: Path, state: dict):
 
 def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool = False, run_dir="runs/default",
           n_scenes: int | None = None, eval_images: int | None = None, seed: int = 0,
-          steps_a: int | None = None, steps_b: int | None = None, answer_loss: str = "token", log=print) -> dict:
+          steps_a: int | None = None, steps_b: int | None = None, answer_loss: str = "token",
+          curriculum: tuple[float, float] = CURRICULUM, log=print) -> dict:
     """Train from scratch (or resume), save the model + processor into ``out_dir``, evaluate, write metrics.json.
 
     The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
     of optimiser steps of a stage (then its learning-rate schedule runs over steps, and time does not matter).
     Resuming a finished run with a larger budget continues stage B. ``answer_loss``: "token" (every answer token
     counts once: the shipped recipe) or "answer" (every answer counts once, so a yes/no answer weighs as much as a
-    description).
+    description). ``curriculum``: (hold, end) of the easy-scene schedule, see :func:`p_easy`.
     """
     if answer_loss not in ("token", "answer"):
         raise ValueError(f"answer_loss={answer_loss!r}: use 'token' or 'answer'")
@@ -308,7 +308,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
             grp["lr"] = _lr(frac, 1.5e-3) * min(1.0, (state["step"] - fresh_from + 1) / 50)
         idx = rng.integers(0, n, BATCH_B)
         if len(easy):
-            pick = rng.random(BATCH_B) < p_easy(frac)
+            pick = rng.random(BATCH_B) < p_easy(frac, curriculum)
             idx[pick] = easy[rng.integers(0, len(easy), int(pick.sum()))]
         seqs = [encode_conversation(conversation(recs[i], rng), tok, recs[i]) for i in idx]
         L = max(len(s[0]) for s in seqs)
@@ -366,7 +366,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     train_info = {"minutes_budget": minutes, "smoke": smoke, "n_train_scenes": n, "train_seeds": [TRAIN_SEED0,
                   TRAIN_SEED0 + n - 1], "stage_a": state.get("stage_a"), "stage_a_steps": state.get("steps_a"), "stage_b_steps": state["step"],
                   "stage_b_minutes": round(state["elapsed"] / 60, 2),
-                  "attn_layers": list(ATTN_LAYERS), "curriculum": list(CURRICULUM), "attn_weight": ATTN_WEIGHT, "answer_loss": answer_loss,
+                  "attn_layers": list(ATTN_LAYERS), "curriculum": list(curriculum), "attn_weight": ATTN_WEIGHT,
+                  "answer_loss": answer_loss,
                   "device": str(dev),
                   "wall_s_train": round(time.time() - t_start, 1)}
     metrics = evaluate(out, n_images=eval_images or (24 if smoke else 200), log=log)
