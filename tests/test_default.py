@@ -165,3 +165,25 @@ def test_curriculum_starts_on_easy_scenes_and_ends_uniform():
     assert is_easy(rec([1.0, 4.0]))
     assert not is_easy(rec([0.5, 4.0]))                 # one object smaller than a token cell
     assert not is_easy(rec([2.0, 2.0, 2.0, 2.0]))       # more than three objects
+
+
+def test_stage_a_labels_every_object_even_below_one_cell():
+    from vlmkit.data.scenes import COLORS, SHAPES
+    from vlmkit.default.train import MIN_LABEL_COVER, TRAIN_SEED0, _render
+
+    _, processor = build_model_and_processor(0)
+    seen_small = 0
+    for seed in range(TRAIN_SEED0, TRAIN_SEED0 + 12):
+        _, col, shp, cen, rec = _render((seed, True, processor.image_processor))
+        cov = rec.coverage.astype(np.float32)                                    # [objects, 64]
+        assert col.shape == shp.shape == cen.shape == (N_IMAGE_TOKENS,)
+        for k, o in enumerate(rec.objects):
+            j = int(cov[k].argmax())
+            if cov[:, j].argmax() != k or cov[k, j] < MIN_LABEL_COVER:
+                continue                                                       # another object dominates its cell
+            assert (col[j], shp[j]) == (COLORS.index(o.color) + 1, SHAPES.index(o.shape) + 1), (seed, k)
+            seen_small += int(cov[k, j] < 0.25)
+        big = cov.max(0) >= 0.25                                               # cells an object covers >= 25%
+        assert (col[big] > 0).all() and (shp[big] > 0).all()
+        assert (col[cov.max(0) < 0.03] == 0).all()                             # empty cells are background
+    assert seen_small > 0                                                      # the rule was exercised

@@ -2,7 +2,9 @@
 
 Stage A (:data:`STEPS` [0] steps, or 25% of a time budget): dense per-patch pre-training of the vision tower
 alone. Linear heads on each of the 64 patch features of the last layer predict the colour (8 + background) and shape
-(8 + background) of the object covering the patch and whether it holds an object's centre. Random horizontal flips.
+(8 + background) of the object covering the patch (>= 25% of the cell; cells covered 6-25% are ignored, except that
+every object labels its own best-covered cell, so objects smaller than a cell are learnt too) and whether the patch
+holds an object's centre. Random horizontal flips.
 
 Stage B (the rest): the tower is frozen (its features are cached); projector + language model learn every skill from
 1-3 turn conversations (loss on the answer tokens), plus an auxiliary attention loss: at the row that predicts each
@@ -46,6 +48,7 @@ STAGE_A_SHARE = 0.25
 BATCH_A, BATCH_B = 32, 32
 N_SCENES = 8000
 CURRICULUM = (0.3, 0.6)
+MIN_LABEL_COVER = 0.03        # stage A: an object covering this much of its best cell labels that cell
 STEPS = (8000, 6000)           # the shipped run's stage A / stage B optimiser steps (CLI default)
 
 
@@ -85,6 +88,10 @@ def _render(args):
     s = np.where(best >= 0.25, np.array([SHAPES.index(o.shape) + 1 for o in sc.objects])[arg], 0)
     amb = (best >= 0.06) & (best < 0.25)
     c[amb], s[amb] = -100, -100
+    for k, o in enumerate(sc.objects):   # small objects: labelled at their best cell unless another one dominates it
+        j = int(cov[k].argmax())
+        if arg[j] == k and cov[k, j] >= MIN_LABEL_COVER:
+            c[j], s[j] = COLORS.index(o.color) + 1, SHAPES.index(o.shape) + 1
     side, ox, oy = pad_geometry(w, h)
     ce = np.zeros(N_IMAGE_TOKENS, np.int64)
     objs = []
