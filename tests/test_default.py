@@ -187,3 +187,24 @@ def test_stage_a_labels_every_object_even_below_one_cell():
         assert (col[big] > 0).all() and (shp[big] > 0).all()
         assert (col[cov.max(0) < 0.03] == 0).all()                             # empty cells are background
     assert seen_small > 0                                                      # the rule was exercised
+
+
+def test_pope_breakdown_groups_by_object_size_and_shared_attributes():
+    from vlmkit.default.evaluate import pope_breakdown
+
+    rng = np.random.default_rng(0)
+    qs = [(sc, qa) for sc in (generate_scene(5_000_000 + i) for i in range(6)) for qa in pope_questions(sc, "random", rng)]
+    truth = [qa.answer == "yes" for _, qa in qs]
+    right = pope_breakdown(qs, truth)                                     # every answer right
+    assert right and all(v["accuracy"] == 1.0 for v in right.values())
+    assert sum(v["n"] for v in right.values()) == len(qs)
+    assert sum(v["n"] for k, v in right.items() if k.startswith("present")) == sum(truth)
+    always_yes = pope_breakdown(qs, [True] * len(qs))
+    assert all(v["accuracy"] == (1.0 if k.startswith("present") else 0.0) for k, v in always_yes.items())
+    names = {(False, False): "colour and shape unseen", (True, False): "colour seen", (False, True): "shape seen",
+             (True, True): "colour and shape seen"}
+    for sc, qa in qs:                                    # "Is there a red circle in the image?" -> red, circle
+        if qa.answer == "no":
+            color, shape = qa.question.lower().split()[3:5]
+            seen = (any(o.color == color for o in sc.objects), any(o.shape == shape for o in sc.objects))
+            assert list(pope_breakdown([(sc, qa)], [False])) == [f"absent, {names[seen]}"], qa.question

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from vlmkit.data.scenes import generate_scene
-from vlmkit.default.build import prompt_text, token_boxes
+from vlmkit.default.build import patch_coverage, prompt_text, token_boxes
 from vlmkit.default.qa import make_qa, ordered_names, pope_questions
 
 EVAL_SEED0 = 5_000_000
@@ -61,6 +61,26 @@ def _pope_metrics(preds: list[bool], labels: list[bool]) -> dict:
     return {"accuracy": round(float((p == y).mean()), 4), "yes_ratio": round(float(p.mean()), 4),
             "precision": round(prec, 4), "recall": round(rec, 4),
             "f1": round(2 * prec * rec / max(1e-9, prec + rec), 4), "n": int(len(p))}
+
+
+def pope_breakdown(qs, preds: list[bool]) -> dict:
+    """Accuracy of POPE answers by case: present objects by size (token cells they cover), absent objects by whether
+    their colour / shape occurs in the scene (on another object). ``qs``: [(scene, qa)], ``preds``: said "yes"."""
+    groups: dict[str, list[bool]] = {}
+    for (sc, qa), yes in zip(qs, preds):
+        if qa.answer == "yes":
+            cells = max(float(patch_coverage(sc.objects[i].mask).sum()) for i in qa.targets)
+            key = "present, " + ("< 0.5 cell" if cells < 0.5 else "0.5-1 cell" if cells < 1 else "1-2 cells"
+                                 if cells < 2 else ">= 2 cells")
+            groups.setdefault(key, []).append(yes)
+        else:
+            words = set(qa.question.lower().replace("?", " ").split())
+            col = any(o.color in words for o in sc.objects)
+            shp = any(o.shape in words for o in sc.objects)
+            key = "absent, " + {(False, False): "colour and shape unseen", (True, False): "colour seen",
+                                (False, True): "shape seen", (True, True): "colour and shape seen"}[(col, shp)]
+            groups.setdefault(key, []).append(not yes)
+    return {k: {"accuracy": round(float(np.mean(v)), 4), "n": len(v)} for k, v in sorted(groups.items())}
 
 
 def _list_f1(pred: str, scene) -> float:
@@ -137,6 +157,8 @@ def evaluate(path_or_model, n_images: int = 200, *, processor=None, log=print) -
         qs = [(sc, qa) for sc in scenes for qa in pope_questions(sc, split, rng)]
         preds = answer(model, processor, [s.image for s, _ in qs], [q.question for _, q in qs], 2)
         res["pope"][split] = _pope_metrics([is_yes(p) for p in preds], [q.answer == "yes" for _, q in qs])
+        if split == "random":
+            res["pope_random_by_case"] = pope_breakdown(qs, [is_yes(p) for p in preds])
     # other skills: one question per scene and skill (when well-posed)
     for skill, n_tok in (("color", 2), ("shape", 2), ("count", 2), ("location", 3), ("list", 40), ("describe", 48)):
         qs = [(sc, qa) for sc in scenes for qa in [make_qa(sc, rng, skill)] if qa is not None]
