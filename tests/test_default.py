@@ -185,7 +185,7 @@ def test_stage_a_labels_every_object_even_below_one_cell():
             seen_small += int(cov[k, j] < 0.25)
         big = cov.max(0) >= 0.25                                               # cells an object covers >= 25%
         assert (col[big] > 0).all() and (shp[big] > 0).all()
-        assert (col[cov.max(0) < 0.03] == 0).all()                             # empty cells are background
+        assert (col[cov.max(0) < MIN_LABEL_COVER] == 0).all()                  # empty cells are background
     assert seen_small > 0                                                      # the rule was exercised
 
 

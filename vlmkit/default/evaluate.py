@@ -156,9 +156,10 @@ def evaluate(path_or_model, n_images: int = 200, *, processor=None, log=print) -
     for split in ("random", "popular", "adversarial"):
         qs = [(sc, qa) for sc in scenes for qa in pope_questions(sc, split, rng)]
         preds = answer(model, processor, [s.image for s, _ in qs], [q.question for _, q in qs], 2)
-        res["pope"][split] = _pope_metrics([is_yes(p) for p in preds], [q.answer == "yes" for _, q in qs])
+        said_yes = [is_yes(p) for p in preds]
+        res["pope"][split] = _pope_metrics(said_yes, [q.answer == "yes" for _, q in qs])
         if split == "random":
-            res["pope_random_by_case"] = pope_breakdown(qs, [is_yes(p) for p in preds])
+            res["pope_random_by_case"] = pope_breakdown(qs, said_yes)
     # other skills: one question per scene and skill (when well-posed)
     for skill, n_tok in (("color", 2), ("shape", 2), ("count", 2), ("location", 3), ("list", 40), ("describe", 48)):
         qs = [(sc, qa) for sc in scenes for qa in [make_qa(sc, rng, skill)] if qa is not None]

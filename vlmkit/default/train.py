@@ -84,14 +84,15 @@ def _render(args):
     x = ip(images=sc.image, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0]
     cov = np.stack([patch_coverage(o.mask) for o in sc.objects]).astype(np.float32)
     best, arg = cov.max(0), cov.argmax(0)
-    c = np.where(best >= 0.25, np.array([COLORS.index(o.color) + 1 for o in sc.objects])[arg], 0)
-    s = np.where(best >= 0.25, np.array([SHAPES.index(o.shape) + 1 for o in sc.objects])[arg], 0)
+    obj_c = np.array([COLORS.index(o.color) + 1 for o in sc.objects])      # [objects] class ids (0 = background)
+    obj_s = np.array([SHAPES.index(o.shape) + 1 for o in sc.objects])
+    c, s = np.where(best >= 0.25, obj_c[arg], 0), np.where(best >= 0.25, obj_s[arg], 0)
     amb = (best >= 0.06) & (best < 0.25)
     c[amb], s[amb] = -100, -100
-    for k, o in enumerate(sc.objects):   # small objects: labelled at their best cell unless another one dominates it
-        j = int(cov[k].argmax())
-        if arg[j] == k and cov[k, j] >= MIN_LABEL_COVER:
-            c[j], s[j] = COLORS.index(o.color) + 1, SHAPES.index(o.shape) + 1
+    # small objects: each labels its own best cell [objects] unless another object covers more of it
+    own, k = cov.argmax(1), np.arange(len(sc.objects))
+    keep = (arg[own] == k) & (cov[k, own] >= MIN_LABEL_COVER)
+    c[own[keep]], s[own[keep]] = obj_c[keep], obj_s[keep]
     side, ox, oy = pad_geometry(w, h)
     ce = np.zeros(N_IMAGE_TOKENS, np.int64)
     objs = []
