@@ -189,6 +189,27 @@ def test_stage_a_labels_every_object_even_below_one_cell():
     assert seen_small > 0                                                      # the rule was exercised
 
 
+def test_absent_objects_look_at_their_near_misses():
+    from vlmkit.default.qa import QA
+    from vlmkit.default.train import Obj, Record, Tokens, attention_targets, encode_conversation
+
+    cov = np.zeros((3, N_IMAGE_TOKENS), np.float16)
+    cov[0, 0], cov[1, 9], cov[2, 20] = 1.0, 0.6, 0.2                # red circle, blue star, green square
+    objs = [Obj("circle", "red", (0, 0, 1, 1), (0, 0)), Obj("star", "blue", (0, 0, 1, 1), (0, 0)),
+            Obj("square", "green", (0, 0, 1, 1), (0, 0))]
+    rec = Record(96, 96, objs, cov)
+    red_star = QA("exist", "Is there a red star in the image?", "no", [], "no")
+    assert attention_targets(red_star, rec) == [0, 1]                  # shares the colour / the shape
+    assert attention_targets(QA("exist", "Is there a white heart in the image?", "no", [], "no"), rec) == []
+    assert attention_targets(QA("exist", "Is there a red circle in the image?", "yes", [0], "yes"), rec) == [0]
+    assert attention_targets(QA("list", "What objects are in the image?", "red circle", []), rec) == []
+    tokens = Tokens(build_tokenizer())
+    ids, labels, _, rows = encode_conversation([red_star], tokens, rec)
+    (row, tgt), = rows
+    assert ids[row + 1] == labels[row + 1] == tokens("no")[0]          # the row that predicts the answer
+    assert set(np.flatnonzero(tgt)) == {0, 9}                          # both near misses, not the green square
+
+
 def test_pope_breakdown_groups_by_object_size_and_shared_attributes():
     from vlmkit.default.evaluate import pope_breakdown
 

@@ -10,8 +10,9 @@ Stage B (the rest): the tower is frozen (its features are cached); projector + l
 1-3 turn conversations (loss on the answer tokens), plus an auxiliary attention loss: at the row that predicts each
 answer's first token, the head-mean attention of language-model layers :data:`ATTN_LAYERS` over the 64 image tokens
 should fall on the patches of the objects the question is about (``-log`` of the fraction that does), weight
-:data:`ATTN_WEIGHT`. ``answer_loss`` chooses how answer tokens are averaged. Questions without such objects (absent
-objects, list, describe) get no attention loss.
+:data:`ATTN_WEIGHT`; for an absent object, on its near misses (objects sharing its colour or shape,
+:func:`attention_targets`). ``answer_loss`` chooses how answer tokens are averaged. Questions without such objects
+(absent objects with no near miss, list, describe) get no attention loss.
 
 Curriculum: most generated objects are small once a scene is resized to 96 px (median ~0.6 of a token cell), and on
 such scenes the language model does not discover which image tokens a question is about. So stage B starts on "easy"
@@ -156,6 +157,16 @@ class Tokens:
         return self.cache[text]
 
 
+def attention_targets(qa, record) -> list[int]:
+    """Objects the answer row should look at: the question's own objects, or, for an existence question answered
+    "no", the near misses (objects sharing the asked colour or shape: the evidence that a "red star" is absent is the
+    red circle and the blue star). Empty when there is nothing to look at."""
+    if qa.targets or qa.skill != "exist" or qa.answer != "no":
+        return list(qa.targets)
+    words = set(qa.question.lower().replace("?", " ").split())
+    return [k for k, o in enumerate(record.objects) if o.color in words or o.shape in words]
+
+
 def encode_conversation(turns, tokens: Tokens, record: Record):
     """ids, labels (-100 outside answers), per-label weights (each answer's tokens share weight 1, so a one-word
     yes/no answer counts as much as a long description), [(row, target cell mask [64])] for the attention loss."""
@@ -166,8 +177,9 @@ def encode_conversation(turns, tokens: Tokens, record: Record):
         ids += head
         labels += [-100] * len(head)
         weights += [0.0] * len(head)
-        if qa.targets:
-            cov = record.coverage[qa.targets].astype(np.float32).max(0)
+        look = attention_targets(qa, record)
+        if look:
+            cov = record.coverage[look].astype(np.float32).max(0)
             tgt = cov >= 0.15
             tgt[int(cov.argmax())] = True
             rows.append((len(ids) - 1, tgt))
