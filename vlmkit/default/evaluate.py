@@ -17,7 +17,7 @@ from PIL import Image, ImageFilter
 
 from vlmkit.data.scenes import generate_scene
 from vlmkit.default.build import patch_coverage, prompt_text, token_boxes
-from vlmkit.default.qa import make_qa, ordered_names, pope_questions
+from vlmkit.default.qa import make_qa, ordered_names, pope_questions, shared_attributes
 
 EVAL_SEED0 = 5_000_000
 CLUTTER_SEED0 = 5_500_000
@@ -74,9 +74,8 @@ def pope_breakdown(qs, preds: list[bool]) -> dict:
                                  if cells < 2 else ">= 2 cells")
             groups.setdefault(key, []).append(yes)
         else:
-            words = set(qa.question.lower().replace("?", " ").split())
-            col = any(o.color in words for o in sc.objects)
-            shp = any(o.shape in words for o in sc.objects)
+            by_colour, by_shape = shared_attributes(qa.question, sc.objects)
+            col, shp = bool(by_colour), bool(by_shape)
             key = "absent, " + {(False, False): "colour and shape unseen", (True, False): "colour seen",
                                 (False, True): "shape seen", (True, True): "colour and shape seen"}[(col, shp)]
             groups.setdefault(key, []).append(not yes)

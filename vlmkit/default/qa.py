@@ -56,6 +56,13 @@ def location_word(center: tuple[float, float], width: int, height: int, margin: 
     return LOCATIONS[row * 3 + col]
 
 
+def shared_attributes(question: str, objects) -> tuple[list[int], list[int]]:
+    """Indices of ``objects`` whose colour, and of those whose shape, the question names (word match)."""
+    words = set(question.lower().replace("?", " ").split())
+    return ([k for k, o in enumerate(objects) if o.color in words],
+            [k for k, o in enumerate(objects) if o.shape in words])
+
+
 def ordered_names(scene) -> list[str]:
     """Unique object names, left to right by the first instance's centre (the order ``list`` answers use)."""
     firsts: dict[str, float] = {}

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from vlmkit.data.scenes import COLORS, SHAPES, generate_scene
 from vlmkit.default.build import GRID, N_IMAGE_TOKENS, build_model_and_processor, pad_geometry, patch_coverage
-from vlmkit.default.qa import conversation
+from vlmkit.default.qa import conversation, shared_attributes
 
 TRAIN_SEED0 = 1_000_000
 ATTN_LAYERS = (1, 2)
@@ -163,8 +163,8 @@ def attention_targets(qa, record) -> list[int]:
     red circle and the blue star). Empty when there is nothing to look at."""
     if qa.targets or qa.skill != "exist" or qa.answer != "no":
         return list(qa.targets)
-    words = set(qa.question.lower().replace("?", " ").split())
-    return [k for k, o in enumerate(record.objects) if o.color in words or o.shape in words]
+    by_colour, by_shape = shared_attributes(qa.question, record.objects)
+    return sorted(set(by_colour) | set(by_shape))
 
 
 def encode_conversation(turns, tokens: Tokens, record: Record):
