@@ -47,10 +47,10 @@ IMG_START = 2                  # "user", ":" then the 64 image tokens
 CKPT_EVERY_S = 120
 STAGE_A_SHARE = 0.25
 BATCH_A, BATCH_B = 32, 32
-N_SCENES = 8000
+N_SCENES = 16000              # training scenes (CLI default)
 CURRICULUM = (0.3, 0.6)
 MIN_LABEL_COVER = 0.03        # stage A: an object covering this much of its best cell labels that cell
-STEPS = (8000, 6000)           # the shipped run's stage A / stage B optimiser steps (CLI default)
+STEPS = (8000, 12000)          # the shipped run's stage A / stage B optimiser steps (CLI default)
 
 
 @dataclass
