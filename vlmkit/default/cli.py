@@ -32,8 +32,8 @@ def add_parsers(subparsers) -> None:
     """Register ``train-default`` on an ``argparse`` sub-parsers object."""
     p = subparsers.add_parser("train-default", help="train the embedded default model from scratch",
                               description="Train the small LLaVA default model on generated scenes "
-                                          "(16000 scenes, two stages: 8000 + 12000 steps, or --minutes), save it and evaluate it "
-                                          "on held-out scenes.")
+                                          "(16000 scenes, two stages: 8000 + 12000 steps, or --minutes), save it "
+                                          "and evaluate it on held-out scenes.")
     p.add_argument("--out", type=Path, default=None,
                    help=f"output directory (default: the packaged checkpoint {DEFAULT_OUT}; with --smoke: "
                         "RUN_DIR/smoke-model)")
