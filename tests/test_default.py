@@ -78,6 +78,19 @@ def test_pope_sets_are_balanced_and_negatives_absent():
     assert negatives(_S, "adversarial", 1, rng) == ["red square"]
 
 
+def test_binding_negatives_reuse_present_colours_and_shapes_on_other_objects():
+    O = lambda c, s: type("O", (), {"shape": s, "color": c})()  # noqa: E731
+    class _S:  # red circle + blue star: the binding negatives are exactly "red star" and "blue circle"
+        objects, width, height = [O("red", "circle"), O("blue", "star")], 100, 100
+    rng = np.random.default_rng(0)
+    assert sorted(negatives(_S, "binding", 5, rng)) == ["blue circle", "red star"]
+    _S.objects = [O("red", "circle")]                  # one object: nothing to confuse it with
+    assert negatives(_S, "binding", 1, rng) == []
+    # training existence questions fall back to a random negative instead of dropping the question
+    asked = [make_qa(_S, np.random.default_rng(k), "exist") for k in range(200)]
+    assert all(q is not None for q in asked) and {q.answer for q in asked} == {"yes", "no"}
+
+
 def test_token_geometry_covers_the_whole_image():
     boxes = token_boxes(200, 100)                       # padded to 200 x 200: rows 0-1 and 6-7 are mostly padding
     assert boxes.shape == (N_IMAGE_TOKENS, 4)
@@ -229,3 +242,16 @@ def test_pope_breakdown_groups_by_object_size_and_shared_attributes():
             color, shape = qa.question.lower().split()[3:5]
             seen = (any(o.color == color for o in sc.objects), any(o.shape == shape for o in sc.objects))
             assert list(pope_breakdown([(sc, qa)], [False])) == [f"absent, {names[seen]}"], qa.question
+
+
+def test_train_default_help_states_the_shipped_recipe():
+    import argparse
+
+    from vlmkit.default.cli import add_parsers
+    from vlmkit.default.train import N_SCENES, STEPS
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parsers(sub)
+    text = " ".join(sub.choices["train-default"].format_help().split())
+    assert f"({N_SCENES} scenes, two stages: {STEPS[0]} + {STEPS[1]} steps" in text
+    assert f"default {N_SCENES};" in text

@@ -32,7 +32,7 @@ def add_parsers(subparsers) -> None:
     """Register ``train-default`` on an ``argparse`` sub-parsers object."""
     p = subparsers.add_parser("train-default", help="train the embedded default model from scratch",
                               description="Train the small LLaVA default model on generated scenes "
-                                          "(16000 scenes, two stages: 8000 + 12000 steps, or --minutes), save it "
+                                          "(32000 scenes, two stages: 10000 + 18000 steps, or --minutes), save it "
                                           "and evaluate it on held-out scenes.")
     p.add_argument("--out", type=Path, default=None,
                    help=f"output directory (default: the packaged checkpoint {DEFAULT_OUT}; with --smoke: "
@@ -42,7 +42,7 @@ def add_parsers(subparsers) -> None:
                    help="time budget in minutes instead of the shipped step counts (smoke: 0.7)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
     p.add_argument("--run-dir", default="runs/default", help="scratch dir for checkpoints (default runs/default)")
-    p.add_argument("--scenes", type=int, default=None, help="training scenes (default 16000; smoke 300)")
+    p.add_argument("--scenes", type=int, default=None, help="training scenes (default 32000; smoke 300)")
     p.add_argument("--eval-images", type=int, default=None, help="held-out scenes to evaluate on (default 200)")
     p.add_argument("--steps-a", type=int, default=None, help="fix stage A to this many steps (overrides time)")
     p.add_argument("--steps-b", type=int, default=None, help="fix stage B to this many steps (overrides time)")

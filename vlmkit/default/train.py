@@ -47,10 +47,10 @@ IMG_START = 2                  # "user", ":" then the 64 image tokens
 CKPT_EVERY_S = 120
 STAGE_A_SHARE = 0.25
 BATCH_A, BATCH_B = 32, 32
-N_SCENES = 16000              # training scenes (CLI default)
+N_SCENES = 32000              # training scenes (CLI default)
 CURRICULUM = (0.3, 0.6)
 MIN_LABEL_COVER = 0.03        # stage A: an object covering this much of its best cell labels that cell
-STEPS = (8000, 12000)          # the shipped run's stage A / stage B optimiser steps (CLI default)
+STEPS = (10000, 18000)         # the shipped run's stage A / stage B optimiser steps (CLI default)
 
 
 @dataclass
@@ -77,7 +77,7 @@ def _scene_size(rng: np.random.Generator, smoke: bool) -> tuple[int, int]:
 
 
 def _render(args):
-    """One training scene -> (uint8 pixels [3, S, S], colour / shape / centre labels [64], Record)."""
+    """One training scene -> (uint8 pixel array [3, S, S], colour / shape / centre labels [64], Record)."""
     seed, smoke, ip = args
     rng = np.random.default_rng([seed, 1])
     sc = generate_scene(seed, size=_scene_size(rng, smoke))
@@ -102,7 +102,9 @@ def _render(args):
         r, q = min(GRID - 1, int((cy + oy) / side * GRID)), min(GRID - 1, int((cx + ox) / side * GRID))
         ce[r * GRID + q] = 1
         objs.append(Obj(o.shape, o.color, o.box, (cx, cy)))
-    return x.round().clamp(0, 255).to(torch.uint8), c, s, ce, Record(w, h, objs, cov.astype(np.float16))
+    # numpy, not a torch tensor: a tensor returned from a worker holds one file descriptor per scene (fd sharing), and
+    # tens of thousands of scenes exhaust the open-file limit
+    return x.round().clamp(0, 255).to(torch.uint8).numpy(), c, s, ce, Record(w, h, objs, cov.astype(np.float16))
 
 
 def build_pool(n: int, processor, *, smoke: bool = False, seed0: int = TRAIN_SEED0, desc: str = "scenes",
@@ -121,7 +123,7 @@ def build_pool(n: int, processor, *, smoke: bool = False, seed0: int = TRAIN_SEE
     else:
         out = [_render(j) for j in tqdm(jobs, desc=desc, mininterval=5)]
     pix, col, shp, cen, recs = zip(*out)
-    return (torch.stack(pix), torch.as_tensor(np.stack(col)), torch.as_tensor(np.stack(shp)),
+    return (torch.from_numpy(np.stack(pix)), torch.as_tensor(np.stack(col)), torch.as_tensor(np.stack(shp)),
             torch.as_tensor(np.stack(cen)), list(recs))
 
 
