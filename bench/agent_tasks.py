@@ -58,12 +58,13 @@ def main(argv=None) -> int:
                     help="first-screen layout templates (train: a diagnostic of the layout shift only)")
     ap.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where the VLM runs (the pointer head stays on CPU)")
     ap.add_argument("--out", default=None, help="write <grounder>/trace.jsonl and results.json here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     tasks = agent.make_tasks(args.tasks, args.seed, n_steps=args.steps, templates=args.templates)
-    vlm = vlmkit.load(args.model)
+    vlm = vlmkit.load(args.model, device=args.device)
     grounders = {"oracle": agent.OracleGrounder(tasks), "random": agent.RandomGrounder(args.seed),
                  "pointer-head": v2p.make_grounder(vlm), "attention-only": v2p.Grounder(vlm, None)}
     if grounders["pointer-head"].head is None:

@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/gui/eval")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="where the VLM runs (the pointer head stays on CPU)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     data = Path(a.data) if a.data else out / "data"
     if not a.data and not any(data.glob("screenspot_*_v2.json")):
         gui.build_set(data, screens_per_template=18, templates="heldout", seed=7)
-    vlm = vlmkit.load(a.model)
+    vlm = vlmkit.load(a.model, device=a.device)
     variants = [(name, v2p.load_head(d), data) for name, d in (h.split("=", 1) for h in a.heads)]
     if a.attention:
         variants.append(("attention-only", None, data))

@@ -131,3 +131,48 @@ def test_families_without_a_trainable_vision_side_are_refused(base):
     fake.model.proj = torch.nn.Linear(2, 2).half()
     with pytest.raises(InputError, match="float32"):
         fg.backbone_parameters(fake)
+
+
+def test_batched_step_reads_the_same_keys_and_queries_as_inference(base):
+    """The fine-tuning step encodes each screenshot once and runs all tiles of a batch in one call; its keys and
+    queries must equal what :func:`v2p.screen_features` / :func:`v2p.query_states` give at inference."""
+    from vlmkit.eval import screenspot as ss
+    from vlmkit.io import load_image
+
+    vlm = vlmkit.load(base / "base")
+    cfg = _cfg(vlm)
+    samples, _, _ = ss.load_screenspot(base / "data")
+    images = ss.default_images_dir(base / "data")
+    name = samples[0].image
+    mine = [s for s in samples if s.image == name]
+    im = load_image(images / name)
+    enc = fg._encode_screen(vlm, im, mine, cfg)
+    keys, pos, valid, q, text, y, idx, grid = fg._batch(vlm, [enc, enc])
+    f = v2p.screen_features(vlm, im, cfg.tile, cfg.max_tiles)
+    assert grid == f.grid and keys.shape == (2, *f.keys.shape) and keys.requires_grad
+    torch.testing.assert_close(keys[1].detach(), f.keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pos[0], f.pos())
+    ref = v2p.query_states(vlm, [im] * len(mine), [s.instruction for s in mine], cfg.prompt)
+    torch.testing.assert_close(q, torch.cat([ref, ref]), atol=1e-5, rtol=1e-5)
+    assert idx.tolist() == [0] * len(mine) + [1] * len(mine) and y.shape == (2 * len(mine), f.keys.shape[0])
+    torch.testing.assert_close(y.sum(1), torch.ones(2 * len(mine)))
+    assert torch.equal(valid[0], torch.as_tensor(f.valid))
+
+
+def test_merge_encoded_left_pads_to_the_longest_row(base):
+    from vlmkit.models.vlm import merge_encoded
+
+    vlm = vlmkit.load(base / "base")
+    im = fg._blank(16)
+    short = vlm.encode([im], [vlm.prompt("a")])[:3]
+    long = vlm.encode([im], [vlm.prompt("a much longer instruction with many words")])[:3]
+    pad = vlm.processor.tokenizer.pad_token_id
+    inputs, layouts, pads = merge_encoded([short, long], pad)
+    L = long[0]["input_ids"].shape[1]
+    extra = L - short[0]["input_ids"].shape[1]
+    assert extra > 0 and inputs["input_ids"].shape == (2, L) and len(layouts) == 2
+    assert inputs["input_ids"][0, :extra].eq(pad).all() and inputs["attention_mask"][0, :extra].eq(0).all()
+    assert torch.equal(inputs["input_ids"][0, extra:], short[0]["input_ids"][0]) and pads == [extra, 0]
+    one = v2p.query_states(vlm, None, None, encoded=short)
+    both = v2p.query_states(vlm, None, None, encoded=(inputs, layouts, pads))
+    torch.testing.assert_close(both[0], one[0], atol=1e-5, rtol=1e-5)

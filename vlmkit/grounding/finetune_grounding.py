@@ -111,35 +111,69 @@ def _screens_by_size(data) -> tuple[Path, dict]:
     return images, dict(by_size)
 
 
-def _batch(vlm, images: Path, screens, cfg: v2p.HeadConfig, dev):
-    """Keys WITH gradient and targets: ``(keys [B, N, d], pos [B, N, 2], valid [B, N], query [M, d] (no grad),
-    text [M, L], labels [M, N], image_index [M], grid)``."""
-    from vlmkit.io import load_image
+@dataclass
+class _Encoded:
+    """One training screenshot, run through the processor once and kept on the model's device, so that a step is
+    only model calls. ``T`` tiles of ``n = gr * gc`` tokens each; ``N = rows * gr * cols * gc`` keys; ``k``
+    instructions."""
 
-    feats, qs, texts, ys, idx = [], [], [], [], []
-    for b, (name, samples) in enumerate(screens):
-        im = load_image(images / name)
-        f = v2p.screen_features(vlm, im, cfg.tile, cfg.max_tiles, grad=True)
-        W, H = f.size
-        boxes = np.where(f.valid[:, None], f.boxes, 0.0)
-        for s in samples:
-            nb = s.norm_box(f.size)
-            y = v2p.token_labels(boxes, (nb[0] * W, nb[1] * H, nb[2] * W, nb[3] * H), cfg.label_style, cfg.k)
-            ys.append(torch.as_tensor(y, dtype=torch.float32))
-            texts.append((v2p.text_ids(s.instruction, cfg.text_buckets) if cfg.text_buckets else []) or [0])
-            idx.append(b)
-        qs.append(v2p.query_states(vlm, [im] * len(samples), [s.instruction for s in samples], cfg.prompt))
-        feats.append(f)
-    if len({f.grid for f in feats}) != 1:
+    tiles: tuple  # (inputs, layouts, pads) of the T tiles, each with the probe prompt
+    index: torch.Tensor  # [T, n] long: sequence positions of each tile's image tokens
+    queries: tuple  # (inputs, layouts, pads) of the k instruction prompts (whole screenshot each), left padded
+    layout: tuple  # (rows, cols, gr, gc): tiles down / across, tokens per tile down / across
+    pos: torch.Tensor  # [N, 2] token centres in [0, 1]
+    valid: torch.Tensor  # [N] bool: tokens covering some of the screenshot
+    labels: torch.Tensor  # [k, N] target distributions
+    text: list  # k lists of hashed instruction ids
+
+
+def _encode_screen(vlm, image, samples, cfg: v2p.HeadConfig) -> _Encoded:
+    """Encode one screenshot and its instructions for :func:`_batch` (same tiling and token boxes as inference)."""
+    tiles, origins, scale, rc = v2p.tile_image(image, cfg.tile, cfg.max_tiles)
+    enc = vlm.encode(tiles, [vlm.prompt(v2p.PROBE)] * len(tiles))[:3]
+    where = v2p.image_token_index(enc[1], enc[2])
+    boxes, valid, _, tile_grid = v2p.tile_geometry([v for _, v in where], origins, scale, rc, image.size)
+    prompts = [vlm.prompt(cfg.prompt.format(instruction=s.instruction)) for s in samples]
+    queries = vlm.encode([image] * len(samples), prompts)[:3]
+    W, H = image.size
+    pos = v2p.ScreenFeatures(torch.empty(0), boxes, valid, (0, 0), image.size).pos()  # [N, 2]
+    boxes = np.where(valid[:, None], boxes, 0.0)
+    ys, texts = [], []
+    for s in samples:
+        nb = s.norm_box(image.size)
+        ys.append(v2p.token_labels(boxes, (nb[0] * W, nb[1] * H, nb[2] * W, nb[3] * H), cfg.label_style, cfg.k))
+        texts.append((v2p.text_ids(s.instruction, cfg.text_buckets) if cfg.text_buckets else []) or [0])
+    dev = vlm.device
+    return _Encoded(enc, torch.as_tensor(np.stack([p for p, _ in where]), device=dev), queries, (*rc, *tile_grid),
+                    pos.to(dev), torch.as_tensor(valid, device=dev),
+                    torch.as_tensor(np.stack(ys), dtype=torch.float32, device=dev), texts)
+
+
+def _batch(vlm, screens: list[_Encoded]):
+    """Keys WITH gradient and targets of screenshots of one size: ``(keys [B, N, d], pos [B, N, 2], valid [B, N],
+    query [M, d] (no grad), text [M, L], labels [M, N], image_index [M], grid)`` (M instructions in all)."""
+    from vlmkit.models.vlm import merge_encoded
+
+    if len({s.layout for s in screens}) != 1:
         raise VlmkitError("screenshots of one size gave different token grids")
-    if not feats[0].keys.requires_grad:
+    pad_id = vlm.processor.tokenizer.pad_token_id or 0
+    e, _, _ = v2p.lm_inputs_embeds(vlm, grad=True, encoded=merge_encoded([s.tiles for s in screens], pad_id))
+    if not e.requires_grad:
         raise VlmkitError(f"{vlm.family}: the language model's input carries no gradient back to the vision tower; "
                           "this family cannot be fine-tuned with --finetune-backbone")
+    idx = torch.cat([s.index for s in screens])  # [B*T, n]
+    emb = e.gather(1, idx[..., None].expand(-1, -1, e.shape[-1])).float()  # [B*T, n, d]
+    rows, cols, gr, gc = screens[0].layout
+    keys = v2p.tiles_to_grid(emb.reshape(len(screens), rows * cols, gr * gc, -1), (rows, cols), (gr, gc))
+    q = v2p.query_states(vlm, None, None, encoded=merge_encoded([s.queries for s in screens], pad_id),
+                         device_out=True)
+    texts = [t for s in screens for t in s.text]
     m = max(len(t) for t in texts)
+    dev = keys.device
     text = torch.as_tensor([t + [0] * (m - len(t)) for t in texts], device=dev)
-    return (torch.stack([f.keys for f in feats]).to(dev), torch.stack([f.pos() for f in feats]).to(dev),
-            torch.stack([torch.as_tensor(f.valid) for f in feats]).to(dev), torch.cat(qs).to(dev), text,
-            torch.stack(ys).to(dev), torch.as_tensor(idx, device=dev), feats[0].grid)
+    image_index = torch.as_tensor([b for b, s in enumerate(screens) for _ in s.text], device=dev)
+    return (keys, torch.stack([s.pos for s in screens]), torch.stack([s.valid for s in screens]), q, text,
+            torch.cat([s.labels for s in screens]), image_index, (rows * gr, cols * gc))
 
 
 def finetune(vlm, data, out, cfg: v2p.HeadConfig, st: FinetuneSettings, *, resume: bool = True,
@@ -184,6 +218,12 @@ def finetune(vlm, data, out, cfg: v2p.HeadConfig, st: FinetuneSettings, *, resum
                     "torch_rng": torch.get_rng_state(), "cfg": cfg.__dict__}, tmp)
         tmp.replace(state_path)
 
+    from vlmkit.io import load_image
+
+    encoded = {}  # file name -> _Encoded; the processor runs once per screenshot, before the clock starts
+    for name, samples in tqdm([x for v in by_size.values() for x in v], desc="encode screenshots",
+                              disable=not progress):
+        encoded[name] = _encode_screen(vlm, load_image(images / name), samples, cfg)
     flags = {n: p.requires_grad for n, p in vlm.model.named_parameters()}
     keep = {id(p) for p in params.values()}
     for p in vlm.model.parameters():
@@ -195,7 +235,7 @@ def finetune(vlm, data, out, cfg: v2p.HeadConfig, st: FinetuneSettings, *, resum
         while step < st.steps and spent < st.minutes * 60:
             size = rng.choices(sizes, weights)[0]
             screens = rng.sample(by_size[size], min(st.batch, len(by_size[size])))
-            keys, pos, valid, q, text, y, idx, grid = _batch(vlm, images, screens, cfg, dev)
+            keys, pos, valid, q, text, y, idx, grid = _batch(vlm, [encoded[name] for name, _ in screens])
             logits = head(keys, pos, q, grid, valid, text, idx)
             losses = v2p.pointer_losses(logits, y, valid[idx], cfg.suppress_weight)
             opt.zero_grad()

@@ -373,17 +373,28 @@ def tile_image(image, tile: int, max_tiles: int):
     return tiles, origins, s, (rows, cols)
 
 
-def lm_input_tokens(vlm, images: list, grad: bool = False) -> list[tuple[torch.Tensor, Any]]:
-    """For each image: (``[n, d]`` image-token embeddings at the language-model input, the finest layout view).
+def image_token_index(layouts, pads) -> list[tuple[np.ndarray, Any]]:
+    """Per row: (sequence positions of its image tokens in the finest layout view, that view)."""
+    out = []
+    for b, lay in enumerate(layouts):
+        view = max(lay.images[0].views, key=lambda v: v.positions.size)
+        out.append((view.positions + pads[b], view))
+    return out
 
-    ``grad=True`` keeps the autograd graph back into the vision tower and projector (backbone fine-tuning)."""
+
+def lm_inputs_embeds(vlm, images: list | None = None, grad: bool = False, encoded: tuple | None = None):
+    """``(inputs_embeds [B, L, d] at the language-model input, layouts, pads)``; the decoder never runs.
+
+    ``grad=True`` keeps the autograd graph back into the vision tower and projector (backbone fine-tuning);
+    ``encoded``: pre-encoded ``(inputs, layouts, pads)`` of ``[PROBE]`` prompts (see :meth:`VLM.session`)."""
     box: dict[str, torch.Tensor] = {}
 
     def pre(module, args, kwargs):
         box["e"] = kwargs["inputs_embeds"] if grad else kwargs["inputs_embeds"].detach()
         raise _Stop
 
-    with vlm.session(images, [PROBE] * len(images)) as (inputs, layouts, pads), torch.set_grad_enabled(grad):
+    qs = None if encoded is not None else [PROBE] * len(images)
+    with vlm.session(images, qs, encoded=encoded) as (inputs, layouts, pads), torch.set_grad_enabled(grad):
         h = vlm.adapter.language_model().register_forward_pre_hook(pre, with_kwargs=True)
         try:
             vlm.model(**inputs)
@@ -393,44 +404,64 @@ def lm_input_tokens(vlm, images: list, grad: bool = False) -> list[tuple[torch.T
             h.remove()
     if "e" not in box:
         raise VlmkitError(f"{vlm.family}: the language model was not called with inputs_embeds")
-    out = []
-    for b, lay in enumerate(layouts):
-        view = max(lay.images[0].views, key=lambda v: v.positions.size)
-        out.append((box["e"][b, torch.as_tensor(view.positions + pads[b])].float(), view))
-    return out
+    return box["e"], layouts, pads
+
+
+def lm_input_tokens(vlm, images: list, grad: bool = False) -> list[tuple[torch.Tensor, Any]]:
+    """For each image: (``[n, d]`` image-token embeddings at the language-model input, the finest layout view)."""
+    e, layouts, pads = lm_inputs_embeds(vlm, images, grad)
+    return [(e[b, torch.as_tensor(pos)].float(), view) for b, (pos, view) in enumerate(image_token_index(layouts, pads))]
+
+
+def tile_geometry(views: list, origins: list, scale: float, tiles: tuple[int, int], size: tuple[int, int]):
+    """Where a tiled screenshot's keys lie: ``(boxes [N, 4] in original px, valid [N], grid, tile_grid)``.
+
+    ``views``: each tile's layout view (token boxes in tile px), ``origins``: tile corners in scaled px, ``tiles`` =
+    (rows, cols) of tiles; keys are in row-major order over ``grid = (rows * gr, cols * gc)`` (see
+    :func:`tiles_to_grid`)."""
+    gr, gc = views[0].grid
+    if any(v.grid != (gr, gc) for v in views):
+        raise VlmkitError("tiles of one size gave different token grids")
+    rows, cols = tiles
+    boxes = np.stack([(v.boxes + np.array([ox, oy, ox, oy])) / scale for v, (ox, oy) in zip(views, origins)])
+    boxes = boxes.reshape(rows, cols, gr, gc, 4).transpose(0, 2, 1, 3, 4).reshape(-1, 4)
+    W, H = size
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, W)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, H)
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes, valid, (rows * gr, cols * gc), (gr, gc)
+
+
+def tiles_to_grid(emb: torch.Tensor, tiles: tuple[int, int], tile_grid: tuple[int, int]) -> torch.Tensor:
+    """``emb [B, rows * cols, gr * gc, d]`` (tile t = r * cols + c, tokens row-major) -> keys ``[B, N, d]`` in
+    row-major order over the whole screenshot's grid ``(rows * gr, cols * gc)``."""
+    (rows, cols), (gr, gc) = tiles, tile_grid
+    B, d = emb.shape[0], emb.shape[-1]
+    return emb.reshape(B, rows, cols, gr, gc, d).permute(0, 1, 3, 2, 4, 5).reshape(B, rows * gr * cols * gc, d)
 
 
 def screen_features(vlm, image, tile: int, max_tiles: int, batch: int = 16, grad: bool = False) -> ScreenFeatures:
     """Keys of the whole screenshot read tile by tile (see module doc); ``grad``: see :func:`lm_input_tokens`."""
-    tiles, origins, s, (rows, cols) = tile_image(image, tile, max_tiles)
+    tiles, origins, s, rc = tile_image(image, tile, max_tiles)
     got = []
     for i in range(0, len(tiles), batch):
         got += lm_input_tokens(vlm, tiles[i:i + batch], grad=grad)
-    gr, gc = got[0][1].grid
-    if any(v.grid != (gr, gc) for _, v in got):
-        raise VlmkitError(f"{vlm.family}: tiles of one size gave different token grids")
-    d = got[0][0].shape[-1]
-    keys = torch.zeros(rows * gr, cols * gc, d)
-    boxes = np.zeros((rows * gr, cols * gc, 4))
-    for (emb, view), (ox, oy), t in zip(got, origins, range(len(got))):
-        r, c = divmod(t, cols)
-        keys[r * gr:(r + 1) * gr, c * gc:(c + 1) * gc] = emb.reshape(gr, gc, d)
-        b = (view.boxes + np.array([ox, oy, ox, oy])) / s
-        boxes[r * gr:(r + 1) * gr, c * gc:(c + 1) * gc] = b.reshape(gr, gc, 4)
-    W, H = image.size
-    boxes = boxes.reshape(-1, 4)
-    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, W)
-    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, H)
-    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return ScreenFeatures(keys.reshape(-1, d), boxes, valid, (rows * gr, cols * gc), (W, H), (gr, gc))
+    boxes, valid, grid, tile_grid = tile_geometry([v for _, v in got], origins, s, rc, image.size)
+    keys = tiles_to_grid(torch.stack([e for e, _ in got])[None], rc, tile_grid)[0].cpu()
+    return ScreenFeatures(keys, boxes, valid, grid, image.size, tile_grid)
 
 
-def query_states(vlm, images: list, instructions: list[str], prompt: str = "{instruction}") -> torch.Tensor:
-    """``[B, d]`` last-layer hidden state at the last prompt position (whole screenshot + instruction)."""
-    qs = [prompt.format(instruction=t) for t in instructions]
-    with vlm.session(images, qs) as (inputs, _, _), torch.no_grad():
+def query_states(vlm, images: list | None, instructions: list[str] | None, prompt: str = "{instruction}",
+                 encoded: tuple | None = None, device_out: bool = False) -> torch.Tensor:
+    """``[B, d]`` last-layer hidden state at the last prompt position (whole screenshot + instruction).
+
+    ``encoded``: pre-encoded ``(inputs, layouts, pads)`` (left padded) instead of images + instructions;
+    ``device_out``: keep the result on the model's device (default: CPU)."""
+    qs = None if encoded is not None else [prompt.format(instruction=t) for t in instructions]
+    with vlm.session(images, qs, encoded=encoded) as (inputs, _, _), torch.no_grad():
         out = vlm.model(**inputs, output_hidden_states=True)
-    return out.hidden_states[-1][:, -1].float().cpu()
+    q = out.hidden_states[-1][:, -1].float()
+    return q if device_out else q.cpu()
 
 
 # ------------------------------------------------------------------------------------------------- grounding

@@ -173,15 +173,21 @@ class VLM:
             return logits
 
     @contextmanager
-    def session(self, images: list, questions: list[str] | None = None, *, prompts: list[str] | None = None):
+    def session(self, images: list | None = None, questions: list[str] | None = None, *,
+                prompts: list[str] | None = None, encoded: tuple | None = None):
         """Encode a batch and hold this VLM for a custom forward: yields ``(inputs, layouts, pads)`` with any active
         capture and interventions applied to calls of ``vlm.model(**inputs)`` made inside the block.
 
+        ``encoded``: ``(inputs, layouts, pads)`` made earlier by :meth:`encode` (or merged from several such with
+        :func:`vlmkit.models.vlm.merge_encoded`); the images and prompts are then not encoded again.
         Gradients are allowed (this is how saliency methods run); the lock is held for the whole block.
         """
-        prompts = prompts if prompts is not None else [self.prompt(q) for q in questions]
         with self._lock:
-            inputs, layouts, pads, _ = self.encode(images, prompts)
+            if encoded is not None:
+                inputs, layouts, pads = encoded
+            else:
+                prompts = prompts if prompts is not None else [self.prompt(q) for q in questions]
+                inputs, layouts, pads, _ = self.encode(images, prompts)
             with self._session(inputs, layouts, pads):
                 yield inputs, layouts, pads
 
@@ -289,6 +295,29 @@ class VLM:
                 yield
         finally:
             state.recorder, state.interventions = old_rec, old_ivs
+
+
+def merge_encoded(parts: list[tuple], pad_id: int) -> tuple:
+    """One batch from several :meth:`VLM.encode` results ``(inputs, layouts, pads)``: rows are re-padded on the
+    left to the longest (``pad_id`` for ``input_ids``, 0 for the mask and other integer ``[rows, L]`` tensors) and
+    every other tensor is concatenated along dim 0; layouts are concatenated and pads shifted by the added padding.
+    """
+    L = max(p[0]["input_ids"].shape[1] for p in parts)
+    merged, layouts, pads = {}, [], []
+    for key in parts[0][0].keys():
+        ts = []
+        for inputs, _, _ in parts:
+            t, ids = inputs[key], inputs["input_ids"]
+            if t.dim() == 2 and t.shape == ids.shape and not t.is_floating_point() and t.shape[1] < L:
+                fill = pad_id if key == "input_ids" else 0
+                t = torch.cat([t.new_full((t.shape[0], L - t.shape[1]), fill), t], 1)
+            ts.append(t)
+        merged[key] = torch.cat(ts, 0)
+    for inputs, lay, pad in parts:
+        extra = L - inputs["input_ids"].shape[1]
+        layouts += list(lay)
+        pads += [int(p) + extra for p in pad]
+    return merged, layouts, pads
 
 
 def default_model_path() -> Path:
