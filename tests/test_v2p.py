@@ -206,3 +206,28 @@ def test_ground_cli_finds_the_head_beside_the_checkpoint(vlm, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["source"] == "pointer-head" and res["action"]["action"] == "click"
     assert len(res["candidates"]) >= 1 and 0 <= res["point_norm"][0] <= 1
+
+
+def test_eval_screenspot_with_data_uses_the_head_beside_the_checkpoint(vlm, tmp_path):
+    """``vlmkit eval screenspot --data DIR --model CKPT``: text answers without a head, the pointer head with one."""
+    import json
+
+    from vlmkit.cli import main
+    from vlmkit.data import gui
+
+    ckpt = tmp_path / "m"
+    vlm.model.save_pretrained(ckpt)
+    vlm.processor.save_pretrained(ckpt)
+    gui.build_set(tmp_path / "data", screens_per_template=1, templates=[0], platforms=("web",), max_targets=2)
+    argv = ["eval", "screenspot", "--data", str(tmp_path / "data"), "--model", str(ckpt), "--limit", "2", "--quiet",
+            "--max-new-tokens", "4"]
+    assert main(argv + ["--out", str(tmp_path / "text")]) == 0
+    assert json.loads((tmp_path / "text" / "results.json").read_text())["model"] == str(ckpt)
+    d = vlm.model.config.text_config.hidden_size
+    v2p.save_head(v2p.PointerHead(v2p.HeadConfig(d_key=d, d_query=d, d_model=16, n_heads=4, tile=16, max_tiles=20,
+                                                 window=(4, 4))), tmp_path / "m-pointer")
+    assert main(argv + ["--out", str(tmp_path / "head")]) == 0
+    res = json.loads((tmp_path / "head" / "results.json").read_text())
+    assert res["model"].endswith("+pointer")
+    preds = [json.loads(x) for x in (tmp_path / "head" / "predictions.jsonl").read_text().splitlines()]
+    assert preds and all(p["answer"].startswith("[") for p in preds)

@@ -176,3 +176,40 @@ def test_merge_encoded_left_pads_to_the_longest_row(base):
     one = v2p.query_states(vlm, None, None, encoded=short)
     both = v2p.query_states(vlm, None, None, encoded=(inputs, layouts, pads))
     torch.testing.assert_close(both[0], one[0], atol=1e-5, rtol=1e-5)
+
+
+def test_shipped_gui_checkpoint_loads_by_name_and_beats_the_frozen_default_head(tmp_path):
+    """The shipped GUI fine-tune: loads by name and with plain transformers, changed only the vision side of the
+    default model, carries its head, and grounds held-out screens better than the frozen default head."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlmkit.data import gui
+    from vlmkit.default import CHECKPOINT_DIR, shipped_dir
+    from vlmkit.eval import screenspot as ss
+
+    path = shipped_dir("gui")
+    if not (path / "config.json").is_file():
+        pytest.skip("GUI checkpoint not shipped")
+    plain = AutoModelForImageTextToText.from_pretrained(str(path))
+    base = AutoModelForImageTextToText.from_pretrained(str(CHECKPOINT_DIR))
+    changed = {n for (n, a), b in zip(plain.state_dict().items(), base.state_dict().values()) if not torch.equal(a, b)}
+    assert changed and all("vision_tower" in n or "multi_modal_projector" in n for n in changed)
+    vlm = vlmkit.load("gui")
+    grounder = v2p.make_grounder(vlm, fallback=False)
+    trained = grounder.head.cfg.trained
+    assert trained["finetuned_backbone"] is True
+    assert trained["backbone_sha256"] == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:16]
+    paths = gui.build_set(tmp_path / "held", screens_per_template=1, templates="heldout", seed=99)
+    samples, errors, _ = ss.load_screenspot(tmp_path / "held")
+    assert not errors and paths
+    images = ss.default_images_dir(tmp_path / "held")
+
+    def accuracy(g):
+        hits = []
+        for s in samples:
+            x, y = g.ground(images / s.image, s.instruction).point
+            hits.append(s.box[0] <= x <= s.box[2] and s.box[1] <= y <= s.box[3])
+        return sum(hits) / len(hits)
+
+    tuned, frozen = accuracy(grounder), accuracy(v2p.make_grounder(vlmkit.load(), fallback=False))
+    assert tuned >= 0.45 and tuned > frozen, (tuned, frozen, len(samples))

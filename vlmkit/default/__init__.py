@@ -11,6 +11,15 @@ from vlmkit.errors import ModelLoadError
 
 CHECKPOINT_NAME = "scenes-llava"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints" / CHECKPOINT_NAME
+# Checkpoints shipped inside the package, by the name ``vlmkit.load(name)`` / ``--model name`` accepts:
+# "default" is the embedded default; "gui" is that model with its vision tower + projector fine-tuned for GUI
+# grounding together with its pointer head (``vlmkit train-grounding --finetune-backbone``; see MODEL_CARD.md).
+SHIPPED = {"default": CHECKPOINT_NAME, "gui": "gui-llava"}
+
+
+def shipped_dir(name: str) -> Path:
+    """Directory of a checkpoint shipped inside the package (a key of ``SHIPPED``)."""
+    return CHECKPOINT_DIR.parent / SHIPPED[name]
 
 
 def checkpoint_dir() -> Path:

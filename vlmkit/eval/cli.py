@@ -185,20 +185,28 @@ def eval_screenspot(args: argparse.Namespace, vlm: Any = None) -> dict:
 
     With no ``--data``: a held-out generated ScreenSpot-v2 set (layout templates never used to train the pointer
     head) is written under ``OUT/data`` and the model answers through its pointer head (attention-only fallback).
+    With ``--data``, a checkpoint that has a pointer head beside it (``<checkpoint>-pointer``: the default model,
+    ``--model gui``) answers through the head too; any other model answers in text (its own coordinate format).
     """
-    if args.data is None:
+    generated = args.data is None
+    if generated:
         from vlmkit.data.gui import build_set
 
         data = Path(args.out) / "data"
         _rank0_first(lambda: None if any(data.glob("screenspot_*_v2.json"))
                      else build_set(data, screens_per_template=args.screens, templates="heldout", seed=args.seed + 7))
         args.data = str(data)
-        args.prompt = args.prompt or "{instruction}"
-        if vlm is None and args.num_processes == 1:
-            from vlmkit.grounding.v2p import make_grounder
+    if vlm is None and args.num_processes == 1 and ":" not in str(args.model or ""):
+        from vlmkit.grounding.v2p import HEAD_FILE, head_dir_for, make_grounder
 
-            vlm = make_grounder(make_vlm(args.model, args.device, args.dtype))
-        elif vlm is None and args.model is None:   # each worker builds the default grounder
+        vlm = make_vlm(args.model, args.device, args.dtype)
+        d = head_dir_for(vlm)
+        if generated or (d is not None and (d / HEAD_FILE).is_file()):
+            vlm = make_grounder(vlm)
+            args.prompt = args.prompt or "{instruction}"
+    elif generated:
+        args.prompt = args.prompt or "{instruction}"
+        if vlm is None and args.model is None:   # each worker builds the default grounder
             args.model = "vlmkit.grounding.v2p:default_grounder"
         elif vlm is None and ":" not in args.model:
             raise InputError("--num-processes with --model PATH and no --data: pass --model package.module:factory "

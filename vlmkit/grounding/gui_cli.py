@@ -138,7 +138,8 @@ def add_parsers(subparsers) -> None:
     g = subparsers.add_parser("ground", help="click point for an instruction on a screenshot (pointer head)")
     g.add_argument("image")
     g.add_argument("instruction")
-    g.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
+    g.add_argument("--model", default=None,
+                   help="checkpoint (default: the embedded model; 'gui': its shipped GUI fine-tune, more accurate)")
     g.add_argument("--head", default=None, help="pointer-head directory (default: <checkpoint>-pointer)")
     g.add_argument("--top-k", type=int, default=3)
     g.add_argument("--viz", default=None, help="write a heat-map PNG here")

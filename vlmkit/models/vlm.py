@@ -333,6 +333,13 @@ def _resolve(path) -> str:
                                  "run `vlmkit train-default` or pass a checkpoint with --model PATH")
         return str(p)
     p = Path(os.path.expanduser(str(path)))
+    from vlmkit.default import SHIPPED, shipped_dir
+
+    if not p.exists() and str(path) in SHIPPED:  # a shipped checkpoint by name ("default", "gui")
+        p = shipped_dir(str(path))
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"the shipped checkpoint {path!r} is missing from this install ({p})")
+        return str(p)
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
             raise ModelLoadError(f"{path}: not a model directory (no config.json); pass the folder that "
@@ -346,7 +353,8 @@ def _resolve(path) -> str:
 
 def load(path=None, *, device: str = "cpu", dtype=None, trust_remote_code: bool = False,
          generation: Generation | None = None) -> VLM:
-    """Load a VLM and its processor from a local directory or the local HF cache (``None``: the embedded default).
+    """Load a VLM and its processor from a local directory or the local HF cache (``None``: the embedded default;
+    a name of a checkpoint shipped in the package: ``"default"``, ``"gui"``, see ``vlmkit.default.SHIPPED``).
 
     Only safetensors weights are read, ``trust_remote_code`` is off unless asked, and nothing is downloaded.
     """
