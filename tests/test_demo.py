@@ -160,6 +160,19 @@ def test_detect_segmenter_checkpoint_errors(served, tmp_path, monkeypatch):
         degraded.detect(Image.open(cfg.examples[0]), "", 1, False)
 
 
+def test_ground_tab_uses_the_ground_model_with_its_head(served, tmp_path):
+    from vlmkit.default import shipped_dir
+    from vlmkit.errors import ModelLoadError
+
+    demo = served[0]
+    assert "attention" in demo.grounder_name  # a passed-in model without a head: attention-only
+    if (shipped_dir("gui") / "config.json").is_file():
+        gui_demo = Demo(DemoConfig(ground_model="gui"), vlm=demo.vlm)
+        assert gui_demo.grounder_name == "gui+pointer"
+    with pytest.raises(ModelLoadError, match="nowhere"):  # an explicit --ground-model must load
+        Demo(DemoConfig(ground_model=str(tmp_path / "nowhere")), vlm=demo.vlm)
+
+
 def test_ground_endpoint(served):
     _, _, client, cfg, _ = served
     screen, instruction = cfg.gui_examples[0]

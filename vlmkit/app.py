@@ -40,6 +40,7 @@ class DemoConfig:
     examples: list[str] = field(default_factory=list)  # scene images (Ask, CARVE, fixes, Detect)
     detect_examples: list[tuple[str, str]] = field(default_factory=list)  # (image, comma-separated names or "")
     gui_examples: list[tuple[str, str]] = field(default_factory=list)  # (screenshot, instruction)
+    ground_model: str | None = None  # checkpoint of the Ground tab (None: "gui" beside the embedded model, else model)
 
 
 def _guard(fn):
@@ -117,7 +118,7 @@ class Demo:
         self.segmenter, self.segmenter_error = segmenter, None
         if segmenter is None:
             self._load_segmenter()
-        self._grounder = grounder if grounder is not None else self._load_grounder()
+        self._grounder = grounder if grounder is not None else self._load_grounder(own_vlm=vlm is None)
         self.grounder_name = self._grounder.name
 
     def _load_segmenter(self) -> None:
@@ -133,12 +134,25 @@ class Demo:
             self.segmenter_error = str(e).splitlines()[0] if str(e) else type(e).__name__
             log.warning("Detect tab disabled: %s", self.segmenter_error)
 
-    def _load_grounder(self):
-        """The pointer-head grounder beside the checkpoint; attention-only if there is none or it does not load."""
+    def _load_grounder(self, own_vlm: bool = True):
+        """The pointer-head grounder of ``cfg.ground_model`` — by default the shipped GUI fine-tune when the demo runs
+        the embedded model, else the demo's model — with the head beside the checkpoint; attention-only if there is
+        none or it does not load."""
+        import vlmkit
+        from vlmkit.errors import ModelLoadError
         from vlmkit.grounding.v2p import Grounder, make_grounder
 
+        src = self.cfg.ground_model or ("gui" if own_vlm and self.cfg.model is None else None)
+        vlm = self.vlm
+        if src is not None:
+            try:
+                vlm = vlmkit.load(src)
+            except ModelLoadError as e:
+                if self.cfg.ground_model is not None:
+                    raise
+                log.warning("GUI checkpoint not usable (%s); the Ground tab uses the demo's model", e)
         try:
-            return make_grounder(self.vlm)
+            return make_grounder(vlm)
         except Exception as e:  # noqa: BLE001 - a head being rewritten or of another model: keep the demo up
             log.warning("pointer head not usable (%s: %s); GUI grounding falls back to attention",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -251,6 +265,9 @@ def _arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
     ap.add_argument("--sam-checkpoint", default=None,
                     help="SAM for the Detect tab: a .pth/.safetensors file or a directory (default: the shipped one)")
+    ap.add_argument("--ground-model", default=None,
+                    help="checkpoint of the Ground tab (default: the shipped GUI fine-tune 'gui' with the embedded "
+                         "model, else --model)")
     return ap
 
 
@@ -258,7 +275,8 @@ def run(args) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="vlmkit-demo-"))
     scenes = scene_examples(tmp)
     cfg = DemoConfig(args.model, args.sam_checkpoint, args.host, args.port, examples=[p for p, _ in scenes],
-                     detect_examples=[(p, "") for p, _ in scenes] + scenes[:1], gui_examples=make_gui_examples(tmp))
+                     detect_examples=[(p, "") for p, _ in scenes] + scenes[:1], gui_examples=make_gui_examples(tmp),
+                     ground_model=args.ground_model)
     app, (_, url, _) = Demo(cfg).launch(prevent_thread_lock=True)
     print(f"vlmkit demo running on {url} (Ctrl+C to stop)", flush=True)
     app.block_thread()
