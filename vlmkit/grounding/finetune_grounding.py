@@ -135,18 +135,13 @@ def _encode_screen(vlm, image, samples, cfg: v2p.HeadConfig) -> _Encoded:
     boxes, valid, _, tile_grid = v2p.tile_geometry([v for _, v in where], origins, scale, rc, image.size)
     prompts = [vlm.prompt(cfg.prompt.format(instruction=s.instruction)) for s in samples]
     queries = vlm.encode([image] * len(samples), prompts)[:3]
-    W, H = image.size
     pos = v2p.ScreenFeatures(torch.empty(0), boxes, valid, (0, 0), image.size).pos()  # [N, 2]
-    boxes = np.where(valid[:, None], boxes, 0.0)
-    ys, texts = [], []
-    for s in samples:
-        nb = s.norm_box(image.size)
-        ys.append(v2p.token_labels(boxes, (nb[0] * W, nb[1] * H, nb[2] * W, nb[3] * H), cfg.label_style, cfg.k))
-        texts.append((v2p.text_ids(s.instruction, cfg.text_buckets) if cfg.text_buckets else []) or [0])
+    ys, texts = zip(*(tg.targets(boxes, valid, image.size, s.norm_box(image.size), s.instruction, cfg.label_style,
+                                 cfg.k, cfg.text_buckets) for s in samples))
     dev = vlm.device
     return _Encoded(enc, torch.as_tensor(np.stack([p for p, _ in where]), device=dev), queries, (*rc, *tile_grid),
                     pos.to(dev), torch.as_tensor(valid, device=dev),
-                    torch.as_tensor(np.stack(ys), dtype=torch.float32, device=dev), texts)
+                    torch.as_tensor(np.stack(ys), dtype=torch.float32, device=dev), list(texts))
 
 
 def _batch(vlm, screens: list[_Encoded]):

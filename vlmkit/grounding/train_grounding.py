@@ -93,16 +93,26 @@ def load_cache(parts: list[Path]) -> list[dict]:
     return rows
 
 
+def targets(boxes: np.ndarray, valid: np.ndarray, size: tuple[int, int], norm_box, instruction: str, style: str,
+            k: float, buckets: int) -> tuple[np.ndarray, list[int]]:
+    """Training targets of one instruction: ``(labels [N] over the keys, hashed instruction ids)`` (``[0]``: none).
+
+    ``boxes [N, 4]`` / ``valid [N]``: the keys' pixel boxes in the screenshot of ``size`` (W, H); ``norm_box``: the
+    target box, xyxy in [0, 1]."""
+    W, H = size
+    box = (norm_box[0] * W, norm_box[1] * H, norm_box[2] * W, norm_box[3] * H)
+    y = v2p.token_labels(np.where(valid[:, None], boxes, 0.0), box, style, k)
+    return y, (v2p.text_ids(instruction, buckets) if buckets else []) or [0]
+
+
 def _examples(rows: list[dict], style: str, k: float, buckets: int):
     """Per screenshot: ``(row index, [(query, text ids, labels [N])])``, grouped by token grid."""
     by_grid = defaultdict(list)
     for i, r in enumerate(rows):
-        W, H = r["size"]
         exs = []
         for q, instr, nb, *_ in r["samples"]:
-            box = (nb[0] * W, nb[1] * H, nb[2] * W, nb[3] * H)
-            y = v2p.token_labels(np.where(r["valid"][:, None], r["boxes"], 0.0), box, style, k)
-            exs.append((q, v2p.text_ids(instr, buckets) if buckets else [0], torch.as_tensor(y, dtype=torch.float32)))
+            y, ids = targets(r["boxes"], r["valid"], r["size"], nb, instr, style, k, buckets)
+            exs.append((q, ids, torch.as_tensor(y, dtype=torch.float32)))
         by_grid[tuple(r["grid"])].append((i, exs))
     return by_grid
 

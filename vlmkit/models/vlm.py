@@ -322,7 +322,9 @@ def merge_encoded(parts: list[tuple], pad_id: int) -> tuple:
 
 def default_model_path() -> Path:
     """Directory of the embedded default model shipped inside the package."""
-    return Path(__file__).resolve().parent.parent / "default" / "checkpoints" / "scenes-llava"
+    from vlmkit.default import shipped_dir
+
+    return shipped_dir("default")
 
 
 def _resolve(path) -> str:
