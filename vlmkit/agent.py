@@ -141,12 +141,7 @@ def make_task(seed: int, *, platform: str | None = None, templates: str | list[i
     or a list of indices). Every step but the last clicks an opener; the last prefers a checkbox."""
     if n_steps < 1:
         raise InputError(f"n_steps={n_steps}: a task needs at least one step")
-    if isinstance(templates, str):
-        sel = {"train": range(gui.TRAIN_TEMPLATES), "heldout": range(gui.TRAIN_TEMPLATES, gui.N_TEMPLATES),
-               "all": range(gui.N_TEMPLATES)}.get(templates)
-        if sel is None:
-            raise InputError(f"templates={templates!r}: use train, heldout, all or a list of indices")
-        templates = list(sel)
+    templates = gui.template_indices(templates)
     rng = random.Random(f"agent/task/{seed}")
     platform = platform or gui.PLATFORMS[seed % len(gui.PLATFORMS)]
     template = rng.choice(list(templates))

@@ -6,7 +6,9 @@ with PIL), text fields, checkboxes and menus. Every target is unique on its scre
 ``MIN_SIDE`` = 24 px on each side (two 12-px image tokens of the default model when the screenshot is read in
 native-resolution tiles, see :mod:`vlmkit.grounding.v2p`).
 
-Templates ``0..TRAIN_TEMPLATES-1`` of each platform are for training, the rest are held out for evaluation.
+Templates ``0..TRAIN_TEMPLATES-1`` of each platform are for training, the rest are held out for evaluation;
+template :data:`COMPOSED` draws a random arrangement of the same building blocks (:mod:`vlmkit.data.gui_compose`),
+for training only.
 ``build_set(out, ...)`` writes ``screenspot_{platform}_v2.json`` (``img_filename``, ``bbox`` = [x, y, w, h] px,
 ``instruction``, ``data_type`` in {text, icon}, ``data_source``) and ``screenspot_imgs/*.png``.
 """
@@ -27,8 +29,9 @@ PLATFORMS = ("mobile", "desktop", "web")
 SIZES = {"mobile": (192, 384), "desktop": (480, 288), "web": (384, 288)}
 SOURCES = {"mobile": ("ios", "android"), "desktop": ("macos", "windows"), "web": ("shop", "tool", "forum", "gitlab")}
 MIN_SIDE = 24
-N_TEMPLATES = 6
-TRAIN_TEMPLATES = 4
+N_TEMPLATES = 6  # fixed layout templates per platform
+TRAIN_TEMPLATES = 4  # templates 0..3 train, 4..5 are held out
+COMPOSED = N_TEMPLATES  # template index of composed (random) layouts, training only: see gui_compose.py
 
 WORDS = ("Save", "Open", "Cancel", "Delete", "Edit", "Send", "Print", "Submit", "Next", "Back", "Done", "Apply",
          "Copy", "Paste", "Undo", "Redo", "Export", "Import", "Upload", "Reply", "Archive", "Filter", "Sort", "Add",
@@ -320,6 +323,53 @@ class _Painter:
             self.d.line([(W - 48, 15), (W - 38, 15)], fill=self.t["fg"], width=1)
         return 28
 
+    def status_bar(self) -> int:
+        """Phone status bar (18 px) with a clock; returns its height."""
+        W, th = self.s.image.width, self.t
+        self.d.rectangle([0, 0, W, 18], fill=th["chrome"])
+        self.d.text((8, 9), f"{self.rng.randint(1, 12)}:{self.rng.randint(10, 59)}", fill=th["fg"], font=font(10),
+                    anchor="lm")
+        return 18
+
+    def app_bar(self, top: int, lead: str | None = None) -> int:
+        """Mobile app bar at ``top``: an icon left (``lead`` or any), two action icons right; returns the next y."""
+        W = self.s.image.width
+        self.d.rectangle([0, top, W, top + 34], fill=self.accent if self.rng.random() < .5 else self.t["panel"])
+        self.icon(4, top + 4, 26, lead)
+        self.toolbar(W - 64, top + 4, W, 2)
+        return top + 40
+
+    def browser_bar(self) -> int:
+        """Browser chrome (32 px): back / forward / reload icons and an address field; returns the next y."""
+        W, th = self.s.image.width, self.t
+        self.d.rectangle([0, 0, W, 32], fill=th["chrome"])
+        x = 4
+        for name in ("back", "forward", "refresh"):
+            if self._take(name):
+                self.icon(x, 3, 26, name)
+                x += 28
+        self.d.rounded_rectangle([x + 6, 6, W - 40, 26], radius=10, fill=th["field"])
+        self.d.text((x + 14, 16), self.rng.choice(("shop.example.com", "docs.example.org", "forum.example.net",
+                                                   "git.example")), fill=(120, 120, 130), font=font(10), anchor="lm")
+        return 36
+
+    def nav_links(self, top: int) -> int:
+        """A site navigation bar of text links on the accent colour, one icon at the right; returns the next y."""
+        W = self.s.image.width
+        self.d.rectangle([0, top, W, top + 30], fill=self.accent)
+        x = 8
+        for _ in range(self.rng.randint(3, 5)):
+            word = self.next_word()
+            w = self.text_w(word) + 14
+            if x + w > W - 36:
+                break
+            self.words.pop()
+            self.d.text((x + w / 2, top + 15), word, fill=(255, 255, 255), font=self.f, anchor="mm")
+            self._add((x, top + 3, x + w, top + 27), "text", word, "button")
+            x += w + 6
+        self.icon(W - 32, top + 2, 26)
+        return top + 36
+
     def _take(self, name: str) -> bool:
         if name in self.icons:
             self.icons.remove(name)
@@ -328,7 +378,7 @@ class _Painter:
 
     def toolbar(self, x: int, y: int, w: int, n: int, gap: int = 4, size: int = 26) -> None:
         for i in range(n):
-            if x + size > w:
+            if x + size > w or not self.icons:
                 break
             self.icon(x, y, size)
             x += size + gap
@@ -363,10 +413,10 @@ class _Painter:
                 for i in range(arg[0]):
                     self.button(x, y + 34 * i)
             elif kind == "fields":
-                for i in range(arg[0]):
+                for i in range(min(arg[0], len(self._free(FIELDS)))):
                     self.field(x, y + 34 * i, min(x_max - x, self.rng.randint(110, 200)))
             elif kind == "checks":
-                for i in range(arg[0]):
+                for i in range(min(arg[0], len(self._free(CHECKS)))):
                     self.check(x, y + 30 * i)
             elif kind == "icons":
                 self.toolbar(x, y, x_max, arg[0], gap=self.rng.choice((4, 8, 12)))
@@ -375,7 +425,7 @@ class _Painter:
                 gap = max(4, ((x_max - x) - cols * size) // max(cols, 1))
                 for r in range(rows):
                     for c in range(cols):
-                        if x + c * (size + gap) + size <= x_max:
+                        if x + c * (size + gap) + size <= x_max and self.icons:
                             self.icon(x + c * (size + gap), y + r * (size + 14), size)
             elif kind == "text":
                 self.paragraph(x, y, x_max - x, arg[0])
@@ -387,14 +437,9 @@ class _Painter:
 def _mobile(p: _Painter, t: int) -> None:
     W, H = SIZES["mobile"]
     d, th = p.d, p.t
-    d.rectangle([0, 0, W, 18], fill=th["chrome"])
-    d.text((8, 9), f"{p.rng.randint(1, 12)}:{p.rng.randint(10, 59)}", fill=th["fg"], font=font(10), anchor="lm")
-    top = 18
-    if t in (0, 3, 5):  # app bar: menu/back left, action icons right
-        d.rectangle([0, top, W, top + 34], fill=p.accent if p.rng.random() < .5 else th["panel"])
-        p.icon(4, top + 4, 26, "back" if t == 5 and p._take("back") else None)
-        p.toolbar(W - 64, top + 4, W, 2)
-        top += 40
+    top = p.status_bar()
+    if t in (0, 3, 5):
+        top = p.app_bar(top, "back" if t == 5 and p._take("back") else None)
     if t == 0:
         p.vstack(10, top, W - 10, H - 50, [("fields", 2), ("buttons", 2), ("checks", 1), ("text", 3)])
         p.toolbar(12, H - 34, W, 4, gap=p.rng.choice((16, 20)))
@@ -475,30 +520,9 @@ def _desktop(p: _Painter, t: int) -> None:
 def _web(p: _Painter, t: int) -> None:
     W, H = SIZES["web"]
     d, th = p.d, p.t
-    d.rectangle([0, 0, W, 32], fill=th["chrome"])
-    x = 4
-    for name in ("back", "forward", "refresh"):
-        if p._take(name):
-            p.icon(x, 3, 26, name)
-            x += 28
-    d.rounded_rectangle([x + 6, 6, W - 40, 26], radius=10, fill=th["field"])
-    d.text((x + 14, 16), p.rng.choice(("shop.example.com", "docs.example.org", "forum.example.net", "git.example")),
-           fill=(120, 120, 130), font=font(10), anchor="lm")
-    top = 36
-    if t in (0, 3, 4):  # site navigation bar of text links
-        d.rectangle([0, top, W, top + 30], fill=p.accent)
-        x = 8
-        for _ in range(p.rng.randint(3, 5)):
-            word = p.next_word()
-            w = p.text_w(word) + 14
-            if x + w > W - 36:
-                break
-            p.words.pop()
-            d.text((x + w / 2, top + 15), word, fill=(255, 255, 255), font=p.f, anchor="mm")
-            p._add((x, top + 3, x + w, top + 27), "text", word, "button")
-            x += w + 6
-        p.icon(W - 32, top + 2, 26)
-        top += 36
+    top = p.browser_bar()
+    if t in (0, 3, 4):
+        top = p.nav_links(top)
     if t == 0:
         p.vstack(16, top + 4, W - 16, H - 4, [("text", 3), ("buttons", 2), ("fields", 1), ("buttons", 2)])
     elif t == 1:
@@ -538,16 +562,38 @@ _TEMPLATES = {"mobile": _mobile, "desktop": _desktop, "web": _web}
 
 
 def render_screen(platform: str, template: int, seed: int) -> Screen:
-    """Render one screenshot of ``platform`` from layout ``template`` (0..N_TEMPLATES-1) with random content."""
+    """Render one screenshot of ``platform`` from layout ``template`` (0..N_TEMPLATES-1, or :data:`COMPOSED`) with
+    random content."""
     if platform not in PLATFORMS:
         raise InputError(f"unknown platform {platform!r}; choose {', '.join(PLATFORMS)}")
-    if not 0 <= template < N_TEMPLATES:
-        raise InputError(f"template {template} out of range 0..{N_TEMPLATES - 1}")
+    if not 0 <= template <= COMPOSED:
+        raise InputError(f"template {template} out of range 0..{N_TEMPLATES - 1} (or {COMPOSED} = composed)")
     rng = random.Random(f"{platform}/{template}/{seed}")
     theme = rng.choice(THEMES)
     screen = Screen(Image.new("RGB", SIZES[platform], theme["bg"]), platform, template)
-    _TEMPLATES[platform](_Painter(screen, rng, theme, rng.choice(ACCENTS)), template)
+    painter = _Painter(screen, rng, theme, rng.choice(ACCENTS))
+    if template == COMPOSED:
+        from vlmkit.data.gui_compose import compose
+
+        compose(painter, platform)
+    else:
+        _TEMPLATES[platform](painter, template)
     return screen
+
+
+TEMPLATE_SETS = {"train": tuple(range(TRAIN_TEMPLATES)), "heldout": tuple(range(TRAIN_TEMPLATES, N_TEMPLATES)),
+                 "all": tuple(range(N_TEMPLATES)), "composed": (COMPOSED,),
+                 "varied": (*range(TRAIN_TEMPLATES), COMPOSED)}
+
+
+def template_indices(templates: str | list[int]) -> list[int]:
+    """Template indices of a named set (:data:`TEMPLATE_SETS`: train, heldout, all = the fixed templates, composed,
+    varied = train + composed) or of an explicit list."""
+    if not isinstance(templates, str):
+        return list(templates)
+    if templates not in TEMPLATE_SETS:
+        raise InputError(f"templates={templates!r}: use one of {', '.join(TEMPLATE_SETS)} or a list of indices")
+    return list(TEMPLATE_SETS[templates])
 
 
 def instruction_for(target: Target, platform: str, rng: random.Random) -> str:
@@ -566,15 +612,11 @@ def build_set(out: str | Path, *, screens_per_template: int = 20, templates: str
               seed: int = 0, max_targets: int = 8, platforms=PLATFORMS) -> dict[str, Path]:
     """Write a ScreenSpot-v2-format set: ``screenspot_{platform}_v2.json`` + ``screenspot_imgs/``.
 
-    ``templates``: "train" (0..TRAIN_TEMPLATES-1), "heldout" (the rest), "all", or a list of indices. Each screen
-    contributes up to ``max_targets`` instructions (balanced text/icon). Returns platform -> annotation path.
+    ``templates``: a name of :data:`TEMPLATE_SETS` ("train" = 0..TRAIN_TEMPLATES-1, "heldout" = the rest, "all",
+    "composed", "varied" = train + composed) or a list of indices. Each screen contributes up to ``max_targets``
+    instructions (balanced text/icon). Returns platform -> annotation path.
     """
-    if isinstance(templates, str):
-        sel = {"train": range(TRAIN_TEMPLATES), "heldout": range(TRAIN_TEMPLATES, N_TEMPLATES),
-               "all": range(N_TEMPLATES)}.get(templates)
-        if sel is None:
-            raise InputError(f"templates={templates!r}: use train, heldout, all or a list of indices")
-        templates = list(sel)
+    templates = template_indices(templates)
     out = Path(out)
     imgs = out / "screenspot_imgs"
     imgs.mkdir(parents=True, exist_ok=True)
@@ -618,6 +660,7 @@ def add_data_screenspot(data_subparsers) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--screens", type=int, default=20, help="screens per platform and template")
-    p.add_argument("--templates", default="heldout", choices=("train", "heldout", "all"),
-                   help="layout templates to use (held-out ones were never used to train the shipped head)")
+    p.add_argument("--templates", default="heldout", choices=tuple(TEMPLATE_SETS),
+                   help="layout templates to use (held-out ones were never used to train the shipped heads; "
+                        "composed = random arrangements of the building blocks, varied = train + composed)")
     p.set_defaults(func=_data_screenspot)
