@@ -26,6 +26,41 @@ def test_every_template_renders_valid_unique_targets(platform):
             assert min(x2 - x1, y2 - y1) >= gui.MIN_SIDE, x
 
 
+@pytest.mark.parametrize("platform", gui.PLATFORMS)
+def test_composed_layouts_are_valid_and_vary(platform):
+    shapes, counts = set(), []
+    for seed in range(40):
+        s = gui.render_screen(platform, gui.COMPOSED, seed)
+        W, H = s.image.size
+        assert (W, H) == gui.SIZES[platform] and s.template == gui.COMPOSED
+        names = [x.name.lower() for x in s.targets]
+        assert len(names) == len(set(names)), f"duplicate target on composed {platform} seed {seed}: {names}"
+        for x in s.targets:
+            x1, y1, x2, y2 = x.box
+            assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, x
+            assert min(x2 - x1, y2 - y1) >= gui.MIN_SIDE, x
+        counts.append(len(s.targets))
+        # the arrangement: which roles sit in which cell of a coarse 3x3 grid
+        shapes.add(frozenset((x.role, 3 * (x.box[0] + x.box[2]) // (2 * W), 3 * (x.box[1] + x.box[3]) // (2 * H))
+                             for x in s.targets))
+    assert len(shapes) >= 35  # nearly every composed screen is arranged differently
+    assert sum(counts) / len(counts) >= 8
+    assert {x.kind for seed in range(5) for x in gui.render_screen(platform, gui.COMPOSED, seed).targets} == {
+        "text", "icon"}
+
+
+def test_template_sets_keep_composed_layouts_out_of_held_out(tmp_path):
+    assert gui.template_indices("heldout") == [4, 5] and gui.COMPOSED not in gui.template_indices("all")
+    assert gui.template_indices("varied") == [0, 1, 2, 3, gui.COMPOSED]
+    with pytest.raises(Exception, match="out of range"):
+        gui.render_screen("web", gui.COMPOSED + 1, 0)
+    paths = gui.build_set(tmp_path, screens_per_template=1, templates="varied", composed_screens=3,
+                          platforms=("web",))
+    rows = json.loads(paths["web"].read_text())
+    per = {t: len({r["img_filename"] for r in rows if r["template"] == t}) for t in {r["template"] for r in rows}}
+    assert per == {0: 1, 1: 1, 2: 1, 3: 1, gui.COMPOSED: 3}
+
+
 def test_vocabulary_sizes_and_icons_are_distinct_pictograms():
     assert len(set(gui.WORDS)) >= 40
     assert len(gui.ICONS) >= 20

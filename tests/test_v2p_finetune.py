@@ -110,6 +110,32 @@ def test_cli_writes_separate_checkpoint_and_never_the_shipped_default(base, tmp_
     assert _shipped() == shipped
 
 
+def test_continuing_a_finetune_starts_from_the_given_head(base, tmp_path):
+    first = _args(base, tmp_path / "a", "--run", "r")
+    assert first.func(first) == 0
+    model, ptr = tmp_path / "a" / "r" / "model", tmp_path / "a" / "r" / "model-pointer"
+    init = v2p.load_head(ptr)
+    # no steps: the written head IS the init head, with the init head's architecture (not --d-model 32)
+    cont = _args(base, tmp_path / "b", "--run", "r", "--d-model", "32", "--init-head", str(ptr), "--steps", "0")
+    cont.model = str(model)
+    assert cont.func(cont) == 0
+    out = v2p.load_head(tmp_path / "b" / "r" / "model-pointer")
+    assert out.cfg.d_model == init.cfg.d_model == 16
+    assert all(torch.equal(x, y) for x, y in zip(out.state_dict().values(), init.state_dict().values()))
+    assert out.cfg.trained["init_head"] == str(ptr)
+    # one step moves it away from the init head; a head for another tile size is refused before training
+    cont = _args(base, tmp_path / "c", "--run", "r", "--init-head", str(ptr), "--lr", "0.05")
+    cont.model = str(model)
+    assert cont.func(cont) == 0
+    moved = v2p.load_head(tmp_path / "c" / "r" / "model-pointer")
+    assert any(not torch.equal(x, y) for x, y in zip(moved.state_dict().values(), init.state_dict().values()))
+    bad = _args(base, tmp_path / "d", "--run", "r", "--init-head", str(ptr))
+    bad.model, bad.tile = str(model), 32
+    with pytest.raises(InputError, match="--init-head"):
+        bad.func(bad)
+    assert not (tmp_path / "d" / "r" / "model").exists()
+
+
 def test_families_without_a_trainable_vision_side_are_refused(base):
     vlm = vlmkit.load(base / "base")
 

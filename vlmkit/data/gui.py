@@ -609,12 +609,14 @@ def instruction_for(target: Target, platform: str, rng: random.Random) -> str:
 
 
 def build_set(out: str | Path, *, screens_per_template: int = 20, templates: str | list[int] = "all",
-              seed: int = 0, max_targets: int = 8, platforms=PLATFORMS) -> dict[str, Path]:
+              seed: int = 0, max_targets: int = 8, platforms=PLATFORMS,
+              composed_screens: int | None = None) -> dict[str, Path]:
     """Write a ScreenSpot-v2-format set: ``screenspot_{platform}_v2.json`` + ``screenspot_imgs/``.
 
     ``templates``: a name of :data:`TEMPLATE_SETS` ("train" = 0..TRAIN_TEMPLATES-1, "heldout" = the rest, "all",
     "composed", "varied" = train + composed) or a list of indices. Each screen contributes up to ``max_targets``
-    instructions (balanced text/icon). Returns platform -> annotation path.
+    instructions (balanced text/icon); ``composed_screens`` (default ``screens_per_template``) is the number of
+    composed screens per platform when the set includes :data:`COMPOSED`. Returns platform -> annotation path.
     """
     templates = template_indices(templates)
     out = Path(out)
@@ -624,7 +626,8 @@ def build_set(out: str | Path, *, screens_per_template: int = 20, templates: str
     for platform in platforms:
         rows = []
         for t in templates:
-            for i in range(screens_per_template):
+            n = composed_screens if t == COMPOSED and composed_screens is not None else screens_per_template
+            for i in range(n):
                 s = seed * 100003 + i
                 screen = render_screen(platform, t, s)
                 name = f"{platform}_t{t}_{seed}_{i}.png"
@@ -648,7 +651,8 @@ def build_set(out: str | Path, *, screens_per_template: int = 20, templates: str
 
 
 def _data_screenspot(args) -> int:
-    paths = build_set(args.out, screens_per_template=args.screens, templates=args.templates, seed=args.seed)
+    paths = build_set(args.out, screens_per_template=args.screens, templates=args.templates, seed=args.seed,
+                      composed_screens=args.composed_screens)
     for p in paths.values():
         print(f"wrote {p} ({len(json.loads(p.read_text()))} instructions)")
     return 0
@@ -660,6 +664,8 @@ def add_data_screenspot(data_subparsers) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--screens", type=int, default=20, help="screens per platform and template")
+    p.add_argument("--composed-screens", type=int, default=None,
+                   help="composed screens per platform (default: --screens), with --templates composed / varied")
     p.add_argument("--templates", default="heldout", choices=tuple(TEMPLATE_SETS),
                    help="layout templates to use (held-out ones were never used to train the shipped heads; "
                         "composed = random arrangements of the building blocks, varied = train + composed)")

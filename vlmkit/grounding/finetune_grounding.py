@@ -172,11 +172,13 @@ def _batch(vlm, screens: list[_Encoded]):
 
 
 def finetune(vlm, data, out, cfg: v2p.HeadConfig, st: FinetuneSettings, *, resume: bool = True,
-             progress: bool = True, log=None) -> v2p.PointerHead:
+             progress: bool = True, log=None, init_head: v2p.PointerHead | None = None) -> v2p.PointerHead:
     """Train head + vision tower + projector of ``vlm`` (in place) on a ScreenSpot-format set; returns the head.
 
-    ``out/state.pt`` is written every ``save_every`` steps and at the end; a later call with ``resume=True`` loads
-    the head, the trained backbone parameters and the optimiser from it and continues until the budget is spent.
+    ``init_head``: start from this head's weights and architecture (e.g. the head of an earlier fine-tune whose
+    model is ``vlm``) instead of a random head. ``out/state.pt`` is written every ``save_every`` steps and at the
+    end; a later call with ``resume=True`` loads the head, the trained backbone parameters and the optimiser from
+    it and continues until the budget is spent.
     """
     from tqdm import tqdm
 
@@ -189,7 +191,12 @@ def finetune(vlm, data, out, cfg: v2p.HeadConfig, st: FinetuneSettings, *, resum
     params = backbone_parameters(vlm)
     dev = vlm.device
     torch.manual_seed(st.seed)
+    if init_head is not None:
+        keep = ("label_style", "k", "suppress_weight", "prompt", "backbone")
+        cfg = replace(init_head.cfg, **{f: getattr(cfg, f) for f in keep}, trained={})
     head = v2p.PointerHead(cfg).to(dev)
+    if init_head is not None:
+        head.load_state_dict(init_head.state_dict())
     blr = st.backbone_lr if st.backbone_lr is not None else 0.1 * st.lr
     opt = torch.optim.AdamW([{"params": list(head.parameters()), "base_lr": st.lr, "weight_decay": 0.01},
                              {"params": list(params.values()), "base_lr": blr, "weight_decay": 0.0}], lr=st.lr)
@@ -304,7 +311,15 @@ def cmd_finetune(args, vlm, data: Path, tile: int, log) -> int:
                           save_every=args.save_every, backbone_lr=args.backbone_lr)
     base = _provenance(vlm, data)
     prov = {"base_backbone": str(vlm.name), "base_backbone_sha256": base.pop("backbone_sha256"), **base}
-    head = finetune(vlm, data, run, cfg, st, resume=not args.restart, progress=not args.quiet, log=log)
+    init = None
+    if args.init_head:
+        init = v2p.load_head(args.init_head)
+        if (init.cfg.d_key, init.cfg.d_query, init.cfg.tile) != (d, d, tile):
+            raise InputError(f"--init-head {args.init_head}: head reads d_key {init.cfg.d_key}, d_query "
+                             f"{init.cfg.d_query}, tile {init.cfg.tile}; this backbone gives {d}, {d}, {tile}")
+        prov["init_head"] = str(args.init_head)
+    head = finetune(vlm, data, run, cfg, st, resume=not args.restart, progress=not args.quiet, log=log,
+                    init_head=init)
     for d in dests:
         save_finetuned(vlm, head, d, prov)
         log(f"saved fine-tuned checkpoint {d} + {pointer_dir(d)} ({head.cfg.trained})")

@@ -74,6 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from vlmkit.grounding import finetune_grounding as fg
 
         fg.check_args(args)  # e.g. --install default is refused
+    elif args.init_head:
+        raise InputError("--init-head continues a fine-tune: use it with --finetune-backbone")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -186,6 +188,9 @@ def add_parsers(subparsers) -> None:
                    help="also train the vision tower and projector (language model frozen, no feature cache); writes "
                         "a SEPARATE checkpoint <out>/<run>/model (+ <run>/model-pointer head; --install PATH: also "
                         "there), never the shipped default")
+    t.add_argument("--init-head", default=None,
+                   help="with --finetune-backbone: start from this pointer-head directory (e.g. the head beside "
+                        "--model when continuing an earlier fine-tune) instead of a random head")
     t.add_argument("--backbone-lr", type=float, default=None,
                    help="learning rate of the backbone with --finetune-backbone (default 0.1 x --lr)")
     t.add_argument("--device", default="cpu")
