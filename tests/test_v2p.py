@@ -6,7 +6,7 @@ import tiny
 import torch
 
 from vlmkit.errors import InputError, ModelLoadError
-from vlmkit.grounding import v2p
+from vlmkit.grounding import screen_tokens, v2p
 
 
 def grid_boxes(rows=8, cols=8, cell=12.0):
@@ -118,18 +118,18 @@ def test_tiles_cover_the_screenshot_and_keys_are_local(vlm):
     from PIL import Image
 
     im = Image.new("RGB", (40, 24), (200, 200, 200))
-    f = v2p.screen_features(vlm, im, tile=16, max_tiles=40)
+    f = screen_tokens.screen_features(vlm, im, tile=16, max_tiles=40)
     assert f.grid == (2 * 4, 3 * 4) and f.keys.shape == (96, 32) and f.tile_grid == (4, 4)
     area = ((f.boxes[:, 2] - f.boxes[:, 0]) * (f.boxes[:, 3] - f.boxes[:, 1]))[f.valid].sum()
     assert area == pytest.approx(40 * 24)
     assert not f.valid.all()  # the padded right/bottom edge
     im2 = im.copy()
     im2.paste((0, 0, 0), (0, 0, 8, 8))  # inside tile (0, 0) only
-    g = v2p.screen_features(vlm, im2, tile=16, max_tiles=40)
+    g = screen_tokens.screen_features(vlm, im2, tile=16, max_tiles=40)
     changed = (g.keys - f.keys).abs().sum(-1).reshape(f.grid) > 1e-6
     assert changed[:4, :4].any() and not changed[:, 4:].any() and not changed[4:, :].any()
     big = Image.new("RGB", (400, 300))
-    assert np.prod(v2p.screen_features(vlm, big, tile=16, max_tiles=12).grid) <= 12 * 16
+    assert np.prod(screen_tokens.screen_features(vlm, big, tile=16, max_tiles=12).grid) <= 12 * 16
 
 
 def test_ground_with_a_head_and_attention_fallback(vlm):

@@ -12,7 +12,7 @@ import torch
 import vlmkit
 from vlmkit.errors import InputError, VlmkitError
 from vlmkit.grounding import finetune_grounding as fg
-from vlmkit.grounding import gui_cli, v2p
+from vlmkit.grounding import gui_cli, screen_tokens, v2p
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def _shipped() -> dict:
 
 def _cfg(vlm):
     d = vlm.adapter.language_model().config.hidden_size
-    grid = v2p.lm_input_tokens(vlm, [fg._blank(16)])[0][1].grid
+    grid = screen_tokens.lm_input_tokens(vlm, [fg._blank(16)])[0][1].grid
     return v2p.HeadConfig(d_key=d, d_query=d, d_model=16, n_heads=4, tile=16, max_tiles=8, window=tuple(grid))
 
 
@@ -161,7 +161,7 @@ def test_families_without_a_trainable_vision_side_are_refused(base):
 
 def test_batched_step_reads_the_same_keys_and_queries_as_inference(base):
     """The fine-tuning step encodes each screenshot once and runs all tiles of a batch in one call; its keys and
-    queries must equal what :func:`v2p.screen_features` / :func:`v2p.query_states` give at inference."""
+    queries must equal what :func:`screen_tokens.screen_features` / :func:`screen_tokens.query_states` give at inference."""
     from vlmkit.eval import screenspot as ss
     from vlmkit.io import load_image
 
@@ -174,11 +174,11 @@ def test_batched_step_reads_the_same_keys_and_queries_as_inference(base):
     im = load_image(images / name)
     enc = fg._encode_screen(vlm, im, mine, cfg)
     keys, pos, valid, q, text, y, idx, grid = fg._batch(vlm, [enc, enc])
-    f = v2p.screen_features(vlm, im, cfg.tile, cfg.max_tiles)
+    f = screen_tokens.screen_features(vlm, im, cfg.tile, cfg.max_tiles)
     assert grid == f.grid and keys.shape == (2, *f.keys.shape) and keys.requires_grad
     torch.testing.assert_close(keys[1].detach(), f.keys, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pos[0], f.pos())
-    ref = v2p.query_states(vlm, [im] * len(mine), [s.instruction for s in mine], cfg.prompt)
+    ref = screen_tokens.query_states(vlm, [im] * len(mine), [s.instruction for s in mine], cfg.prompt)
     torch.testing.assert_close(q, torch.cat([ref, ref]), atol=1e-5, rtol=1e-5)
     assert idx.tolist() == [0] * len(mine) + [1] * len(mine) and y.shape == (2 * len(mine), f.keys.shape[0])
     torch.testing.assert_close(y.sum(1), torch.ones(2 * len(mine)))
@@ -199,8 +199,8 @@ def test_merge_encoded_left_pads_to_the_longest_row(base):
     assert extra > 0 and inputs["input_ids"].shape == (2, L) and len(layouts) == 2
     assert inputs["input_ids"][0, :extra].eq(pad).all() and inputs["attention_mask"][0, :extra].eq(0).all()
     assert torch.equal(inputs["input_ids"][0, extra:], short[0]["input_ids"][0]) and pads == [extra, 0]
-    one = v2p.query_states(vlm, None, None, encoded=short)
-    both = v2p.query_states(vlm, None, None, encoded=(inputs, layouts, pads))
+    one = screen_tokens.query_states(vlm, None, None, encoded=short)
+    both = screen_tokens.query_states(vlm, None, None, encoded=(inputs, layouts, pads))
     torch.testing.assert_close(both[0], one[0], atol=1e-5, rtol=1e-5)
 
 

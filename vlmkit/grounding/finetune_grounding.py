@@ -2,7 +2,7 @@
 
 The frozen path (:mod:`vlmkit.grounding.train_grounding`) caches the backbone's outputs once and fits only the head.
 Here there is no cache: every step reads the screenshots' tiles through the vision tower and the multimodal
-projector **with gradients** (:func:`vlmkit.grounding.v2p.screen_features` with ``grad=True``, the same tiling and
+projector **with gradients** (:func:`vlmkit.grounding.screen_tokens.screen_features` with ``grad=True``, the same tiling and
 token boxes as at inference), so those parameters train with the head. The language model stays frozen: the keys are
 read at its input, and the query (its last hidden state for the whole screenshot + instruction) is computed without
 gradient, each step, by the current backbone, exactly as :class:`~vlmkit.grounding.v2p.Grounder` computes it later.
@@ -40,7 +40,7 @@ import torch
 
 from vlmkit.errors import InputError, VlmkitError
 from vlmkit.grounding import train_grounding as tg
-from vlmkit.grounding import v2p
+from vlmkit.grounding import screen_tokens, v2p
 
 
 @dataclass
@@ -129,13 +129,13 @@ class _Encoded:
 
 def _encode_screen(vlm, image, samples, cfg: v2p.HeadConfig) -> _Encoded:
     """Encode one screenshot and its instructions for :func:`_batch` (same tiling and token boxes as inference)."""
-    tiles, origins, scale, rc = v2p.tile_image(image, cfg.tile, cfg.max_tiles)
-    enc = vlm.encode(tiles, [vlm.prompt(v2p.PROBE)] * len(tiles))[:3]
-    where = v2p.image_token_index(enc[1], enc[2])
-    boxes, valid, _, tile_grid = v2p.tile_geometry([v for _, v in where], origins, scale, rc, image.size)
+    tiles, origins, scale, rc = screen_tokens.tile_image(image, cfg.tile, cfg.max_tiles)
+    enc = vlm.encode(tiles, [vlm.prompt(screen_tokens.PROBE)] * len(tiles))[:3]
+    where = screen_tokens.image_token_index(enc[1], enc[2])
+    boxes, valid, _, tile_grid = screen_tokens.tile_geometry([v for _, v in where], origins, scale, rc, image.size)
     prompts = [vlm.prompt(cfg.prompt.format(instruction=s.instruction)) for s in samples]
     queries = vlm.encode([image] * len(samples), prompts)[:3]
-    pos = v2p.ScreenFeatures(torch.empty(0), boxes, valid, (0, 0), image.size).pos()  # [N, 2]
+    pos = screen_tokens.ScreenFeatures(torch.empty(0), boxes, valid, (0, 0), image.size).pos()  # [N, 2]
     ys, texts = zip(*(tg.targets(boxes, valid, image.size, s.norm_box(image.size), s.instruction, cfg.label_style,
                                  cfg.k, cfg.text_buckets) for s in samples))
     dev = vlm.device
@@ -152,15 +152,15 @@ def _batch(vlm, screens: list[_Encoded]):
     if len({s.layout for s in screens}) != 1:
         raise VlmkitError("screenshots of one size gave different token grids")
     pad_id = vlm.processor.tokenizer.pad_token_id or 0
-    e, _, _ = v2p.lm_inputs_embeds(vlm, grad=True, encoded=merge_encoded([s.tiles for s in screens], pad_id))
+    e, _, _ = screen_tokens.lm_inputs_embeds(vlm, grad=True, encoded=merge_encoded([s.tiles for s in screens], pad_id))
     if not e.requires_grad:
         raise VlmkitError(f"{vlm.family}: the language model's input carries no gradient back to the vision tower; "
                           "this family cannot be fine-tuned with --finetune-backbone")
     idx = torch.cat([s.index for s in screens])  # [B*T, n]
     emb = e.gather(1, idx[..., None].expand(-1, -1, e.shape[-1])).float()  # [B*T, n, d]
     rows, cols, gr, gc = screens[0].layout
-    keys = v2p.tiles_to_grid(emb.reshape(len(screens), rows * cols, gr * gc, -1), (rows, cols), (gr, gc))
-    q = v2p.query_states(vlm, None, None, encoded=merge_encoded([s.queries for s in screens], pad_id),
+    keys = screen_tokens.tiles_to_grid(emb.reshape(len(screens), rows * cols, gr * gc, -1), (rows, cols), (gr, gc))
+    q = screen_tokens.query_states(vlm, None, None, encoded=merge_encoded([s.queries for s in screens], pad_id),
                          device_out=True)
     texts = [t for s in screens for t in s.text]
     m = max(len(t) for t in texts)
@@ -300,7 +300,7 @@ def cmd_finetune(args, vlm, data: Path, tile: int, log) -> int:
     dests = [run / "model"] + ([Path(args.install)] if args.install else [])
     for d in dests:  # refuse before training, not after
         _check_dest(vlm, d)
-    tile_grid = v2p.lm_input_tokens(vlm, [_blank(tile)])[0][1].grid
+    tile_grid = screen_tokens.lm_input_tokens(vlm, [_blank(tile)])[0][1].grid
     d = vlm.adapter.language_model().config.hidden_size
     cfg = v2p.HeadConfig(d_key=d, d_query=d, text_buckets=0 if args.no_text else 4096, tile=tile,
                          dropout=args.dropout, d_model=args.d_model, pos_freqs=args.pos_freqs,

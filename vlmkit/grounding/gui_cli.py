@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from vlmkit.data import gui
     from vlmkit.grounding import train_grounding as tg
-    from vlmkit.grounding import v2p
+    from vlmkit.grounding import screen_tokens, v2p
 
     if args.finetune_backbone:
         from vlmkit.grounding import finetune_grounding as fg
@@ -91,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.data and not any(data.glob("screenspot_*_v2.json")):
         paths = gui.build_set(data, screens_per_template=args.screens, templates="train", seed=args.seed + 1000)
         log(f"generated training set {data} ({sum(len(json.loads(p.read_text())) for p in paths.values())} rows)")
-    tile = args.tile or v2p.native_tile(vlm)
+    tile = args.tile or screen_tokens.native_tile(vlm)
     if args.finetune_backbone:
         return fg.cmd_finetune(args, vlm, data, tile, log)
     k, n = (int(v) for v in args.cache_shard.split("/"))

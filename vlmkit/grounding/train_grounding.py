@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vlmkit.errors import InputError
-from vlmkit.grounding import v2p
+from vlmkit.grounding import screen_tokens, v2p
 
 PART = 40  # screenshots per cache part
 
@@ -29,7 +29,7 @@ PART = 40  # screenshots per cache part
 class Cached:
     """One cached screenshot: features + its samples ``[(query [d], text ids, target box xyxy px, instruction)]``."""
 
-    feats: v2p.ScreenFeatures
+    feats: screen_tokens.ScreenFeatures
     samples: list
 
 
@@ -72,8 +72,8 @@ def build_cache(vlm, data: str | Path, cache: str | Path, *, tile: int, max_tile
         rows = []
         for name, ss in chunk:
             im = load_image(images / name)
-            f = v2p.screen_features(vlm, im, tile, max_tiles)
-            q = v2p.query_states(vlm, [im] * len(ss), [s.instruction for s in ss], prompt)
+            f = screen_tokens.screen_features(vlm, im, tile, max_tiles)
+            q = screen_tokens.query_states(vlm, [im] * len(ss), [s.instruction for s in ss], prompt)
             rows.append({"keys": f.keys.half(), "boxes": f.boxes, "valid": f.valid, "grid": f.grid, "size": f.size,
                          "tile_grid": f.tile_grid,
                          "samples": [(q[i].half(), s.instruction, s.norm_box(f.size), s.platform, s.ui_type)
@@ -191,7 +191,7 @@ def train(rows: list[dict], cfg: v2p.HeadConfig, out: str | Path, st: TrainSetti
     grids = sorted(by_grid)
     weights = [len(by_grid[g]) for g in grids]
     n_examples = sum(len(e) for g in grids for _, e in by_grid[g])
-    pos_cache = {i: v2p.ScreenFeatures(r["keys"], r["boxes"], r["valid"], r["grid"], r["size"]).pos()
+    pos_cache = {i: screen_tokens.ScreenFeatures(r["keys"], r["boxes"], r["valid"], r["grid"], r["size"]).pos()
                  for i, r in enumerate(rows)}
 
     def save():
