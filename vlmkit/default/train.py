@@ -252,7 +252,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                                  "center": torch.nn.Linear(128, 1)})
     state = {"stage": "A", "elapsed": 0.0, "step": 0}
     if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ck["model"]), heads.load_state_dict(ck["heads"])
         state = ck["state"]
         log(f"resumed from {ckpt_path}: stage {state['stage']} step {state['step']} ({state['elapsed']:.0f}s)")

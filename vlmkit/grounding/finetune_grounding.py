@@ -203,7 +203,7 @@ def finetune(vlm, data, out, cfg: v2p.HeadConfig, st: FinetuneSettings, *, resum
     step, spent, rng = 0, 0.0, random.Random(st.seed)
     state_path = out / "state.pt"
     if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False, map_location=dev)
+        state = torch.load(state_path, weights_only=True, map_location=dev)
         head.load_state_dict(state["head"])
         with torch.no_grad():
             for n, p in params.items():

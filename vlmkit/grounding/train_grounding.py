@@ -181,7 +181,7 @@ def train(rows: list[dict], cfg: v2p.HeadConfig, out: str | Path, st: TrainSetti
     step, spent, rng = 0, 0.0, random.Random(st.seed)
     state_path = out / "state.pt"
     if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=True)
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
         step, spent = state["step"], state["seconds"]
