@@ -122,3 +122,8 @@ def test_data_screenspot_cli(tmp_path, capsys):
     assert args.func(args) == 0
     assert (tmp_path / "screenspot_mobile_v2.json").is_file()
     assert "instructions" in capsys.readouterr().out
+    args = parser.parse_args(["screenspot", "--out", str(tmp_path / "c"), "--templates", "composed",
+                              "--composed-screens", "2"])
+    assert args.func(args) == 0
+    rows = json.loads((tmp_path / "c" / "screenspot_desktop_v2.json").read_text())
+    assert {r["template"] for r in rows} == {gui.COMPOSED} and len({r["img_filename"] for r in rows}) == 2
