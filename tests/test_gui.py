@@ -11,19 +11,24 @@ from vlmkit.data import gui
 from vlmkit.eval import screenspot as ss
 
 
+def _check_screen(s, platform: str, template: int) -> None:
+    """Right size, unique target names, every box inside the screen and at least MIN_SIDE on each side."""
+    W, H = s.image.size
+    assert (W, H) == gui.SIZES[platform] and s.template == template
+    names = [x.name.lower() for x in s.targets]
+    assert len(names) == len(set(names)), f"duplicate target on {platform} template {template}: {names}"
+    for x in s.targets:
+        x1, y1, x2, y2 = x.box
+        assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, x
+        assert min(x2 - x1, y2 - y1) >= gui.MIN_SIDE, x
+
+
 @pytest.mark.parametrize("platform", gui.PLATFORMS)
 def test_every_template_renders_valid_unique_targets(platform):
     for t in range(gui.N_TEMPLATES):
         s = gui.render_screen(platform, t, seed=3)
-        W, H = s.image.size
-        assert (W, H) == gui.SIZES[platform]
+        _check_screen(s, platform, t)
         assert len(s.targets) >= 5, (platform, t)
-        names = [x.name.lower() for x in s.targets]
-        assert len(names) == len(set(names)), f"duplicate target on {platform} template {t}: {names}"
-        for x in s.targets:
-            x1, y1, x2, y2 = x.box
-            assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, x
-            assert min(x2 - x1, y2 - y1) >= gui.MIN_SIDE, x
 
 
 @pytest.mark.parametrize("platform", gui.PLATFORMS)
@@ -31,14 +36,8 @@ def test_composed_layouts_are_valid_and_vary(platform):
     shapes, counts = set(), []
     for seed in range(40):
         s = gui.render_screen(platform, gui.COMPOSED, seed)
+        _check_screen(s, platform, gui.COMPOSED)
         W, H = s.image.size
-        assert (W, H) == gui.SIZES[platform] and s.template == gui.COMPOSED
-        names = [x.name.lower() for x in s.targets]
-        assert len(names) == len(set(names)), f"duplicate target on composed {platform} seed {seed}: {names}"
-        for x in s.targets:
-            x1, y1, x2, y2 = x.box
-            assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, x
-            assert min(x2 - x1, y2 - y1) >= gui.MIN_SIDE, x
         counts.append(len(s.targets))
         # the arrangement: which roles sit in which cell of a coarse 3x3 grid
         shapes.add(frozenset((x.role, 3 * (x.box[0] + x.box[2]) // (2 * W), 3 * (x.box[1] + x.box[3]) // (2 * H))
