@@ -7,7 +7,7 @@ with PIL), text fields, checkboxes and menus. Every target is unique on its scre
 native-resolution tiles, see :mod:`vlmkit.grounding.v2p`).
 
 Templates ``0..TRAIN_TEMPLATES-1`` of each platform are for training, the rest are held out for evaluation;
-template :data:`COMPOSED` draws a random arrangement of the same building blocks (:mod:`vlmkit.data.gui_compose`),
+template :data:`COMPOSED` draws a random arrangement of the same building blocks (:mod:`vlmkit.data.gui_layouts`),
 for training only.
 ``build_set(out, ...)`` writes ``screenspot_{platform}_v2.json`` (``img_filename``, ``bbox`` = [x, y, w, h] px,
 ``instruction``, ``data_type`` in {text, icon}, ``data_source``) and ``screenspot_imgs/*.png``.
@@ -16,13 +16,13 @@ for training only.
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from vlmkit.data.gui_icons import ICONS, draw_icon  # noqa: F401 (part of this module's API)
 from vlmkit.errors import InputError
 
 PLATFORMS = ("mobile", "desktop", "web")
@@ -31,7 +31,7 @@ SOURCES = {"mobile": ("ios", "android"), "desktop": ("macos", "windows"), "web":
 MIN_SIDE = 24
 N_TEMPLATES = 6  # fixed layout templates per platform
 TRAIN_TEMPLATES = 4  # templates 0..3 train, 4..5 are held out
-COMPOSED = N_TEMPLATES  # template index of composed (random) layouts, training only: see gui_compose.py
+COMPOSED = N_TEMPLATES  # template index of composed (random) layouts, training only: see gui_layouts.py
 
 WORDS = ("Save", "Open", "Cancel", "Delete", "Edit", "Send", "Print", "Submit", "Next", "Back", "Done", "Apply",
          "Copy", "Paste", "Undo", "Redo", "Export", "Import", "Upload", "Reply", "Archive", "Filter", "Sort", "Add",
@@ -50,39 +50,6 @@ THEMES = ({"bg": (246, 247, 249), "panel": (232, 234, 238), "fg": (30, 30, 34), 
 ACCENTS = ((37, 99, 235), (22, 163, 74), (220, 38, 38), (147, 51, 234), (234, 88, 12), (13, 148, 136),
            (100, 116, 139), (219, 39, 119))
 
-# name -> instruction phrasings (an icon target's instruction names its function or its look)
-ICONS = {
-    "settings": ("open settings", "the settings icon", "click the gear"),
-    "trash": ("the trash icon", "delete it", "move to trash"),
-    "home": ("go home", "the home icon", "open the home screen"),
-    "search": ("search", "the magnifier icon", "open search"),
-    "heart": ("like this", "the heart icon", "add to favorites"),
-    "star": ("star it", "the star icon", "rate this"),
-    "bell": ("show notifications", "the bell icon", "open alerts"),
-    "user": ("open my profile", "the profile icon", "account"),
-    "mail": ("open mail", "the envelope icon", "check messages"),
-    "lock": ("lock the screen", "the padlock icon", "security"),
-    "camera": ("take a photo", "the camera icon", "open the camera"),
-    "plus": ("add new item", "the plus icon", "create new"),
-    "close": ("close", "the x icon", "dismiss"),
-    "menu": ("open the menu", "the hamburger icon", "show navigation"),
-    "back": ("go back", "the left arrow", "previous page"),
-    "forward": ("go forward", "the right arrow", "next page"),
-    "download": ("download it", "the download icon", "save to disk"),
-    "play": ("play", "the play button", "start playback"),
-    "pause": ("pause", "the pause icon", "stop playback"),
-    "calendar": ("open the calendar", "the calendar icon", "pick a date"),
-    "folder": ("open the folder", "the folder icon", "browse files"),
-    "cloud": ("cloud storage", "the cloud icon", "sync to cloud"),
-    "wifi": ("wifi settings", "the wifi icon", "network"),
-    "refresh": ("refresh the page", "the reload icon", "reload"),
-    "pin": ("show location", "the map pin", "open the map"),
-    "music": ("open music", "the music note", "play songs"),
-    "check": ("confirm", "the check mark", "mark as done"),
-    "chat": ("open chat", "the speech bubble", "start a conversation"),
-}
-
-
 @dataclass
 class Target:
     """One clickable element: ``box`` = (x1, y1, x2, y2) px, ``kind`` in {text, icon}, ``name`` = word or icon."""
@@ -99,120 +66,6 @@ class Screen:
     platform: str
     template: int
     targets: list[Target] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------------- icons
-def draw_icon(d: ImageDraw.ImageDraw, name: str, box: tuple[int, int, int, int], color) -> None:
-    """Draw pictogram ``name`` inside ``box`` (x1, y1, x2, y2) with line/fill ``color``."""
-    x1, y1, x2, y2 = box
-    w = x2 - x1
-    m = max(2, w // 6)
-    a, b, c, e = x1 + m, y1 + m, x2 - m, y2 - m
-    cx, cy, r = (x1 + x2) / 2, (y1 + y2) / 2, (c - a) / 2
-    lw = max(1, w // 12)
-    if name == "settings":
-        for k in range(8):
-            t = k * math.pi / 4
-            d.line([(cx, cy), (cx + r * math.cos(t), cy + r * math.sin(t))], fill=color, width=lw + 2)
-        d.ellipse([cx - r * .7, cy - r * .7, cx + r * .7, cy + r * .7], fill=color)
-        d.ellipse([cx - r * .3, cy - r * .3, cx + r * .3, cy + r * .3], fill=(255, 255, 255))
-    elif name == "trash":
-        d.rectangle([a + 2, b + 3, c - 2, e], outline=color, width=lw)
-        d.line([(a, b + 2), (c, b + 2)], fill=color, width=lw)
-        d.rectangle([cx - 2, b, cx + 2, b + 2], fill=color)
-        for xx in (cx - 3, cx, cx + 3):
-            d.line([(xx, b + 6), (xx, e - 2)], fill=color, width=1)
-    elif name == "home":
-        d.polygon([(cx, b), (a, cy), (c, cy)], fill=color)
-        d.rectangle([a + 3, cy, c - 3, e], fill=color)
-    elif name == "search":
-        d.ellipse([a, b, cx + 2, cy + 2], outline=color, width=lw + 1)
-        d.line([(cx + 1, cy + 1), (c, e)], fill=color, width=lw + 2)
-    elif name == "heart":
-        d.ellipse([a, b + 1, cx + 1, cy + 1], fill=color)
-        d.ellipse([cx - 1, b + 1, c, cy + 1], fill=color)
-        d.polygon([(a + 1, cy - 1), (c - 1, cy - 1), (cx, e)], fill=color)
-    elif name == "star":
-        pts = [(cx + (r if k % 2 == 0 else r * .45) * math.sin(k * math.pi / 5),
-                cy - (r if k % 2 == 0 else r * .45) * math.cos(k * math.pi / 5)) for k in range(10)]
-        d.polygon(pts, fill=color)
-    elif name == "bell":
-        d.pieslice([a + 1, b, c - 1, e + (e - b) // 2], 180, 360, fill=color)
-        d.rectangle([a, cy + 2, c, cy + 4], fill=color)
-        d.ellipse([cx - 2, e - 2, cx + 2, e + 1], fill=color)
-    elif name == "user":
-        d.ellipse([cx - r * .45, b, cx + r * .45, b + r * .9], fill=color)
-        d.pieslice([a, cy, c, e + (e - cy)], 180, 360, fill=color)
-    elif name == "mail":
-        d.rectangle([a, b + 3, c, e - 3], outline=color, width=lw)
-        d.line([(a, b + 3), (cx, cy + 1), (c, b + 3)], fill=color, width=lw)
-    elif name == "lock":
-        d.arc([a + 3, b, c - 3, cy + 3], 180, 360, fill=color, width=lw + 1)
-        d.rectangle([a + 1, cy, c - 1, e], fill=color)
-    elif name == "camera":
-        d.rectangle([a, b + 4, c, e - 1], fill=color)
-        d.rectangle([cx - 3, b + 1, cx + 3, b + 4], fill=color)
-        d.ellipse([cx - 3.5, cy - 2, cx + 3.5, cy + 5], fill=(255, 255, 255))
-    elif name == "plus":
-        d.line([(cx, b), (cx, e)], fill=color, width=lw + 2)
-        d.line([(a, cy), (c, cy)], fill=color, width=lw + 2)
-    elif name == "close":
-        d.line([(a, b), (c, e)], fill=color, width=lw + 2)
-        d.line([(a, e), (c, b)], fill=color, width=lw + 2)
-    elif name == "menu":
-        for yy in (b + 2, cy, e - 2):
-            d.line([(a, yy), (c, yy)], fill=color, width=lw + 1)
-    elif name in ("back", "forward"):
-        s = -1 if name == "back" else 1
-        tip, tail = (a, c) if s < 0 else (c, a)
-        d.line([(tail, cy), (tip, cy)], fill=color, width=lw + 1)
-        d.line([(tip, cy), (tip - s * r * .7, b + 1)], fill=color, width=lw + 1)
-        d.line([(tip, cy), (tip - s * r * .7, e - 1)], fill=color, width=lw + 1)
-    elif name == "download":
-        d.line([(cx, b), (cx, e - 4)], fill=color, width=lw + 1)
-        d.polygon([(a + 2, cy), (c - 2, cy), (cx, e - 3)], fill=color)
-        d.line([(a, e), (c, e)], fill=color, width=lw + 1)
-    elif name == "play":
-        d.polygon([(a + 2, b), (a + 2, e), (c, cy)], fill=color)
-    elif name == "pause":
-        d.rectangle([a + 1, b, cx - 2, e], fill=color)
-        d.rectangle([cx + 2, b, c - 1, e], fill=color)
-    elif name == "calendar":
-        d.rectangle([a, b + 2, c, e], outline=color, width=lw)
-        d.rectangle([a, b + 2, c, b + 6], fill=color)
-        for xx in (a + 3, cx, c - 3):
-            for yy in (cy + 1, e - 3):
-                d.point([(xx, yy)], fill=color)
-    elif name == "folder":
-        d.polygon([(a, b + 2), (cx - 1, b + 2), (cx + 2, b + 5), (c, b + 5), (c, e), (a, e)], fill=color)
-    elif name == "cloud":
-        d.ellipse([a, cy - 1, cx, e], fill=color)
-        d.ellipse([a + 4, b + 2, c - 3, e - 2], fill=color)
-        d.ellipse([cx - 1, cy - 2, c, e], fill=color)
-    elif name == "wifi":
-        for k, rr in enumerate((r, r * .66, r * .33)):
-            d.arc([cx - rr, e - rr * 1.2 - 1, cx + rr, e + rr * .8], 225, 315, fill=color, width=lw + 1)
-        d.ellipse([cx - 1.5, e - 3, cx + 1.5, e], fill=color)
-    elif name == "refresh":
-        d.arc([a, b, c, e], 40, 330, fill=color, width=lw + 1)
-        d.polygon([(c, b), (c, cy - 1), (cx + 2, cy - 2)], fill=color)
-    elif name == "pin":
-        d.ellipse([a + 2, b, c - 2, cy + 2], fill=color)
-        d.polygon([(a + 3, cy), (c - 3, cy), (cx, e)], fill=color)
-        d.ellipse([cx - 2, b + 3, cx + 2, b + 7], fill=(255, 255, 255))
-    elif name == "music":
-        d.ellipse([a, e - 5, a + 6, e], fill=color)
-        d.line([(a + 5, e - 2), (a + 5, b)], fill=color, width=lw + 1)
-        d.line([(a + 5, b), (c, b + 3)], fill=color, width=lw + 2)
-        d.line([(c - 1, b + 3), (c - 1, e - 4)], fill=color, width=lw + 1)
-        d.ellipse([c - 6, e - 7, c, e - 2], fill=color)
-    elif name == "check":
-        d.line([(a, cy), (cx - 1, e - 1), (c, b + 1)], fill=color, width=lw + 2)
-    elif name == "chat":
-        d.rounded_rectangle([a, b + 1, c, e - 4], radius=3, fill=color)
-        d.polygon([(a + 3, e - 5), (a + 3, e), (a + 8, e - 5)], fill=color)
-    else:
-        raise InputError(f"unknown icon {name!r}; known: {', '.join(ICONS)}")
 
 
 # --------------------------------------------------------------------------------------------------- drawing
@@ -433,134 +286,6 @@ class _Painter:
         return y
 
 
-# ------------------------------------------------------------------------------------------------ templates
-def _mobile(p: _Painter, t: int) -> None:
-    W, H = SIZES["mobile"]
-    d, th = p.d, p.t
-    top = p.status_bar()
-    if t in (0, 3, 5):
-        top = p.app_bar(top, "back" if t == 5 and p._take("back") else None)
-    if t == 0:
-        p.vstack(10, top, W - 10, H - 50, [("fields", 2), ("buttons", 2), ("checks", 1), ("text", 3)])
-        p.toolbar(12, H - 34, W, 4, gap=p.rng.choice((16, 20)))
-    elif t == 1:
-        p.vstack(12, top + 8, W - 10, H - 40, [("grid", 3, 3, 32), ("buttons", 2)])
-    elif t == 2:
-        p.icon(W - 32, top + 4, 26)
-        p.vstack(12, top + 40, W - 12, H - 10, [("text", 2), ("fields", 3), ("checks", 2), ("vbuttons", 1)])
-    elif t == 3:
-        y = top
-        for _ in range(2):
-            d.rounded_rectangle([8, y, W - 8, y + 92], radius=8, fill=th["panel"])
-            p.paragraph(16, y + 8, W - 40, 3)
-            p.row_buttons(16, y + 52, W - 16, 2)
-            y += 102
-        p.icon(W - 44, H - 44, 34, "plus" if p._take("plus") else None)
-    elif t == 4:  # held out: settings list (icon + checkbox rows), buttons at the bottom
-        y = top + 8
-        for _ in range(4):
-            p.icon(10, y, 26)
-            p.check(44, y)
-            y += 36
-        p.row_buttons(10, H - 40, W - 10, 2)
-    else:  # held out: chat — bubbles, composer field with a send button
-        y = top + 4
-        for i in range(3):
-            x = 10 if i % 2 == 0 else 60
-            d.rounded_rectangle([x, y, x + 120, y + 40], radius=10, fill=th["panel"])
-            p.paragraph(x + 8, y + 8, 100, 2)
-            y += 50
-        p.vstack(10, y + 4, W - 10, H - 40, [("icons", 4)])
-        p.field(8, H - 36, 110)
-        p.button(124, H - 36)
-
-
-def _desktop(p: _Painter, t: int) -> None:
-    W, H = SIZES["desktop"]
-    top = p.chrome(p.rng.choice(("Untitled", "Report.doc", "Photos", "Project", "Inbox")), p.rng.random() < .5)
-    if t != 5:
-        p.menubar(top)
-        top += 26
-    if t in (0, 1, 3, 4):
-        p.d.rectangle([0, top, W, top + 32], fill=p.t["panel"])
-        p.toolbar(6, top + 3, W - 6, p.rng.randint(4, 8))
-        top += 38
-    if t == 0:
-        p.d.rectangle([0, top, 110, H], fill=p.t["panel"])
-        p.vstack(8, top + 6, 106, H - 4, [("vbuttons", 4)])
-        p.vstack(124, top + 6, W - 10, H - 40, [("text", 4), ("fields", 2)])
-        p.row_buttons(W - 190, H - 34, W - 8, 2)
-    elif t == 1:
-        p.vstack(12, top + 4, 230, H - 4, [("fields", 3), ("checks", 2)])
-        p.vstack(250, top + 4, W - 10, H - 4, [("text", 3), ("buttons", 3), ("buttons", 2)])
-    elif t == 2:
-        p.d.rectangle([0, top, W, H], fill=p.t["panel"])
-        x1, y1 = 90, top + 16
-        p.d.rectangle([x1, y1, W - 90, H - 16], fill=p.t["bg"], outline=(150, 150, 160))
-        p.icon(W - 120, y1 + 4, 26)
-        p.vstack(x1 + 14, y1 + 34, W - 104, H - 20, [("text", 2), ("checks", 2), ("buttons", 3)])
-    elif t == 3:
-        p.d.rectangle([W - 120, top, W, H], fill=p.t["panel"])
-        p.vstack(W - 112, top + 8, W - 6, H - 4, [("grid", 3, 3, 28)])
-        p.vstack(12, top + 8, W - 130, H - 4, [("text", 3), ("buttons", 3), ("fields", 1), ("buttons", 2)])
-    elif t == 4:  # held out: two panes — icon column + form
-        p.d.rectangle([0, top, 44, H], fill=p.t["panel"])
-        for i in range(min(5, (H - top - 8) // 34)):
-            p.icon(9, top + 6 + 34 * i, 26)
-        p.vstack(60, top + 6, 260, H - 4, [("fields", 2), ("checks", 2)])
-        p.vstack(280, top + 6, W - 10, H - 4, [("text", 4), ("vbuttons", 2)])
-    else:  # held out: ribbon of two icon rows and a button row, no menu bar
-        p.d.rectangle([0, top, W, top + 100], fill=p.t["panel"])
-        p.toolbar(8, top + 4, W - 8, 9, gap=10)
-        p.toolbar(8, top + 36, W - 8, 9, gap=10)
-        p.row_buttons(8, top + 68, W - 8, 4)
-        p.vstack(12, top + 110, W - 12, H - 4, [("text", 3), ("fields", 1)])
-
-
-def _web(p: _Painter, t: int) -> None:
-    W, H = SIZES["web"]
-    d, th = p.d, p.t
-    top = p.browser_bar()
-    if t in (0, 3, 4):
-        top = p.nav_links(top)
-    if t == 0:
-        p.vstack(16, top + 4, W - 16, H - 4, [("text", 3), ("buttons", 2), ("fields", 1), ("buttons", 2)])
-    elif t == 1:
-        p.field(12, top + 4, 200)
-        p.button(220, top + 4)
-        y = top + 40
-        for i in range(3):
-            x = 12 + i * 122
-            d.rounded_rectangle([x, y, x + 112, y + 120], radius=6, fill=th["panel"])
-            p.paragraph(x + 8, y + 8, 90, 3)
-            p.icon(x + 80, y + 48, 26)
-            p.button(x + 8, y + 84)
-    elif t == 2:
-        d.rounded_rectangle([92, top + 6, W - 92, H - 8], radius=8, fill=th["panel"])
-        p.vstack(108, top + 16, W - 108, H - 12, [("fields", 2), ("checks", 1), ("buttons", 2), ("buttons", 1)])
-    elif t == 3:
-        d.rectangle([0, top, 40, H], fill=th["panel"])
-        for i in range(min(6, (H - top - 8) // 34)):
-            p.icon(7, top + 4 + 34 * i, 26)
-        p.vstack(56, top + 6, W - 12, H - 4, [("text", 4), ("buttons", 3), ("checks", 2)])
-    elif t == 4:  # held out: content with checks, footer of icons
-        p.vstack(16, top + 4, W - 16, H - 44, [("checks", 3), ("buttons", 3)])
-        d.rectangle([0, H - 36, W, H], fill=th["panel"])
-        p.toolbar(16, H - 32, W - 16, 6, gap=24)
-    else:  # held out: a table with per-row action icons and a header button
-        p.button(W - 100, top + 2)
-        y = top + 36
-        for _ in range(5):
-            d.line([(8, y - 3), (W - 8, y - 3)], fill=(190, 190, 196))
-            p.paragraph(14, y + 6, 180, 1)
-            p.icon(W - 72, y, 26)
-            p.icon(W - 40, y, 26)
-            y += 32
-
-
-_TEMPLATES = {"mobile": _mobile, "desktop": _desktop, "web": _web}
-
-
 def render_screen(platform: str, template: int, seed: int) -> Screen:
     """Render one screenshot of ``platform`` from layout ``template`` (0..N_TEMPLATES-1, or :data:`COMPOSED`) with
     random content."""
@@ -572,12 +297,12 @@ def render_screen(platform: str, template: int, seed: int) -> Screen:
     theme = rng.choice(THEMES)
     screen = Screen(Image.new("RGB", SIZES[platform], theme["bg"]), platform, template)
     painter = _Painter(screen, rng, theme, rng.choice(ACCENTS))
-    if template == COMPOSED:
-        from vlmkit.data.gui_compose import compose
+    from vlmkit.data import gui_layouts  # imports this module: loaded on first use
 
-        compose(painter, platform)
+    if template == COMPOSED:
+        gui_layouts.compose(painter, platform)
     else:
-        _TEMPLATES[platform](painter, template)
+        gui_layouts.TEMPLATES[platform](painter, template)
     return screen
 
 
