@@ -13,6 +13,7 @@ import vlmkit
 from vlmkit.errors import InputError, VlmkitError
 from vlmkit.grounding import finetune_grounding as fg
 from vlmkit.grounding import gui_cli, screen_tokens, v2p
+from vlmkit.models.vlm import default_model_path
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_cli_writes_separate_checkpoint_and_never_the_shipped_default(base, tmp_
     with pytest.raises(InputError, match="--install default is refused"):
         args.func(args)
     assert not (tmp_path / "o").exists()  # refused before anything was written
-    args = _args(base, tmp_path / "o2", "--install", str(vlmkit.models.vlm.default_model_path()))
+    args = _args(base, tmp_path / "o2", "--install", str(default_model_path()))
     with pytest.raises(InputError, match="shipped default"):
         args.func(args)
     args = _args(base, tmp_path / "o3", "--run", "r", "--backbone-lr", "0.01")
