@@ -162,7 +162,8 @@ def test_families_without_a_trainable_vision_side_are_refused(base):
 
 def test_batched_step_reads_the_same_keys_and_queries_as_inference(base):
     """The fine-tuning step encodes each screenshot once and runs all tiles of a batch in one call; its keys and
-    queries must equal what :func:`screen_tokens.screen_features` / :func:`screen_tokens.query_states` give at inference."""
+    queries must equal what :func:`screen_tokens.screen_features` / :func:`screen_tokens.query_states` give at
+    inference."""
     from vlmkit.eval import screenspot as ss
     from vlmkit.io import load_image
 

@@ -2,10 +2,11 @@
 
 The frozen path (:mod:`vlmkit.grounding.train_grounding`) caches the backbone's outputs once and fits only the head.
 Here there is no cache: every step reads the screenshots' tiles through the vision tower and the multimodal
-projector **with gradients** (:func:`vlmkit.grounding.screen_tokens.screen_features` with ``grad=True``, the same tiling and
-token boxes as at inference), so those parameters train with the head. The language model stays frozen: the keys are
-read at its input, and the query (its last hidden state for the whole screenshot + instruction) is computed without
-gradient, each step, by the current backbone, exactly as :class:`~vlmkit.grounding.v2p.Grounder` computes it later.
+projector **with gradients** (:func:`vlmkit.grounding.screen_tokens.screen_features` with ``grad=True``, the same
+tiling and token boxes as at inference), so those parameters train with the head. The language model stays frozen:
+the keys are read at its input, and the query (its last hidden state for the whole screenshot + instruction) is
+computed without gradient, each step, by the current backbone, exactly as :class:`~vlmkit.grounding.v2p.Grounder`
+computes it later.
 
 * Trainable backbone parameters are found through the family adapter: everything of the model outside
   ``adapter.language_model()`` and the input/output token embeddings (LLaVA: ``vision_tower`` +
@@ -161,7 +162,7 @@ def _batch(vlm, screens: list[_Encoded]):
     rows, cols, gr, gc = screens[0].layout
     keys = screen_tokens.tiles_to_grid(emb.reshape(len(screens), rows * cols, gr * gc, -1), (rows, cols), (gr, gc))
     q = screen_tokens.query_states(vlm, None, None, encoded=merge_encoded([s.queries for s in screens], pad_id),
-                         device_out=True)
+                                   device_out=True)
     texts = [t for s in screens for t in s.text]
     m = max(len(t) for t in texts)
     dev = keys.device
