@@ -12,7 +12,8 @@ ratios up to 1.5. Object names are drawn uniformly (no co-occurrence prior), siz
 
 For each split (POPE random / popular / adversarial, the same question builder as the model card) and for colour
 and shape questions it prints accuracy on the project's own held-out scenes and on the outside-style scenes, in the
-same run, and the ratio; by-case rows split the outside-style errors by object size in token cells and style.
+same run, and the ratio; by-case rows split the outside-style answers as the model card does (object size in
+token cells, absent objects by shared colour / shape) and by background style.
 """
 
 from __future__ import annotations
@@ -159,14 +160,8 @@ def render(seed: int):
     return Scene(image=img, objects=objects, seed=seed, style=kind, meta={"renderer": "bench/style_shift.py"})
 
 
-def _cells(scene, obj, side: int = 96, grid: int = 8) -> float:
-    """Area of ``obj`` in token cells once the image is padded to a square and resized to ``side`` px."""
-    scale = side / max(scene.image.size)
-    return float(obj.mask.sum()) * scale * scale / (side / grid) ** 2
-
-
 def measure(model, processor, scenes, seed: int) -> dict:
-    from vlmkit.default.evaluate import answer, is_yes
+    from vlmkit.default.evaluate import answer, is_yes, pope_breakdown
     from vlmkit.default.qa import make_qa, pope_questions
 
     rng = np.random.default_rng(seed)
@@ -177,17 +172,12 @@ def measure(model, processor, scenes, seed: int) -> dict:
         truth = [q.answer == "yes" for _, q in qs]
         out[f"pope_{split}"] = round(float(np.mean([p == t for p, t in zip(pred, truth)])), 4)
         out[f"yes_ratio_{split}"] = round(float(np.mean(pred)), 4)
-        if split == "random":
-            by = {}
-            for (sc, q), p, t in zip(qs, pred, truth):
-                if t:
-                    c = min(_cells(sc, sc.objects[i]) for i in q.targets)
-                    key = "present <0.5 cell" if c < 0.5 else "present 0.5-1 cell" if c < 1 else "present >=1 cell"
-                else:
-                    key = "absent"
-                by.setdefault(key, []).append(p == t)
-                by.setdefault(f"style {sc.style}", []).append(p == t)
-            out["random_by_case"] = {k: [round(float(np.mean(v)), 3), len(v)] for k, v in sorted(by.items())}
+        if split == "random":  # the model card's cases (object size in token cells, ...) + one row per style
+            by = {k: [v["accuracy"], v["n"]] for k, v in pope_breakdown(qs, pred).items()}
+            for style in sorted({sc.style for sc in scenes}):
+                ok = [p == t for (sc, _), p, t in zip(qs, pred, truth) if sc.style == style]
+                by[f"style {style}"] = [round(float(np.mean(ok)), 3), len(ok)]
+            out["random_by_case"] = by
     for skill in ("color", "shape"):
         qs = [(sc, qa) for sc in scenes for qa in [make_qa(sc, rng, skill)] if qa is not None]
         pred = answer(model, processor, [s.image for s, _ in qs], [q.question for _, q in qs], 2)
