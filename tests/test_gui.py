@@ -51,13 +51,53 @@ def test_composed_layouts_are_valid_and_vary(platform):
 def test_template_sets_keep_composed_layouts_out_of_held_out(tmp_path):
     assert gui.template_indices("heldout") == [4, 5] and gui.COMPOSED not in gui.template_indices("all")
     assert gui.template_indices("varied") == [0, 1, 2, 3, gui.COMPOSED]
+    assert gui.template_indices("mixed") == [0, 1, 2, 3, gui.COMPOSED, gui.DIALOG]
+    assert gui.DIALOG not in gui.template_indices("all") + gui.template_indices("varied")
     with pytest.raises(Exception, match="out of range"):
-        gui.render_screen("web", gui.COMPOSED + 1, 0)
+        gui.render_screen("web", gui.DIALOG + 1, 0)
     paths = gui.build_set(tmp_path, screens_per_template=1, templates="varied", composed_screens=3,
                           platforms=("web",))
     rows = json.loads(paths["web"].read_text())
     per = {t: len({r["img_filename"] for r in rows if r["template"] == t}) for t in {r["template"] for r in rows}}
     assert per == {0: 1, 1: 1, 2: 1, 3: 1, gui.COMPOSED: 3}
+    rows = json.loads(gui.build_set(tmp_path / "m", screens_per_template=1, templates="mixed", composed_screens=0,
+                                    dialog_screens=2, platforms=("web",))["web"].read_text())
+    assert {t: len({r["img_filename"] for r in rows if r["template"] == t}) for t in {r["template"] for r in rows}
+            } == {0: 1, 1: 1, 2: 1, 3: 1, gui.DIALOG: 2}
+
+
+def test_dialog_covers_the_screen_and_holds_the_only_new_targets():
+    from random import Random
+
+    from vlmkit.data import gui_layouts
+
+    under = gui.render_screen("desktop", 0, seed=3)
+    box = (80, 44, 400, 272)
+    out = gui_layouts.dialog(under, Random(0), box, "Settings", avoid={"Apply"}, checks=(3, 3))
+    _check_screen(out, "desktop", 0)
+    assert sum(x.role == "check" for x in out.targets) == 3 and out.targets[-1].role == "button"
+    assert not {x.name.lower() for x in out.targets} & ({x.name.lower() for x in under.targets} | {"apply"})
+    for x in out.targets:
+        assert box[0] <= x.box[0] and x.box[2] <= box[2] and box[1] <= x.box[1] and x.box[3] <= box[3], x
+    a, b = np.asarray(under.image, float), np.asarray(out.image, float)
+    assert b[:40].mean() < 0.7 * a[:40].mean()  # the screen behind the dialog is dimmed
+    assert out.image.tobytes() == gui_layouts.dialog(under, Random(0), box, "Settings", avoid={"Apply"},
+                                                     checks=(3, 3)).image.tobytes()
+
+
+@pytest.mark.parametrize("platform", gui.PLATFORMS)
+def test_dialog_screens_are_valid_vary_and_sit_on_training_layouts(platform, monkeypatch):
+    from vlmkit.data import gui_layouts
+
+    behind, render = [], gui.render_screen
+    monkeypatch.setattr(gui, "render_screen", lambda pl, t, seed: behind.append(t) or render(pl, t, seed))
+    screens = [gui_layouts.dialog_screen(platform, seed) for seed in range(15)]
+    assert set(behind) <= set(gui.template_indices("varied")) and len(set(behind)) >= 2
+    for s in screens:
+        _check_screen(s, platform, gui.DIALOG)
+    assert sum(len(s.targets) >= 2 for s in screens) >= 12
+    assert len({tuple(s.targets[0].box) for s in screens if s.targets}) >= 10  # dialogs at different places
+    assert {x.role for s in screens for x in s.targets} >= {"check", "button"}
 
 
 def test_vocabulary_sizes_and_icons_are_distinct_pictograms():

@@ -25,12 +25,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vlmkit.data import gui
+from vlmkit.data import gui, gui_layouts
 from vlmkit.errors import InputError
 
 SEED_BASE = 10**9  # screen seeds of agent tasks; the pointer head's training screens use (seed+1000)*100003+i
 OPENER_ROLES = ("icon", "menu", "button")
-DIALOG_BUTTONS = ("Done", "Apply", "Cancel", "Save", "Back", "Continue", "Accept", "Decline", "Retry", "Skip")
 TITLES = {"settings": "Settings", "user": "Profile", "bell": "Notifications", "mail": "Mail", "lock": "Security",
           "wifi": "Network", "menu": "Menu", "calendar": "Calendar", "folder": "Files", "cloud": "Cloud"}
 DIALOG_BOX = {"mobile": (0, 150, 192, 384), "desktop": (80, 44, 400, 272), "web": (42, 44, 342, 272)}
@@ -100,36 +99,17 @@ def inside(x: float, y: float, box) -> bool:
 
 
 def render_followup(screen: gui.Screen, target: gui.Target, seed: int, avoid: set[str] = frozenset()) -> gui.Screen:
-    """The screen after clicking ``target`` on ``screen``: ``screen`` dimmed behind a dialog titled after the target.
+    """The screen after clicking ``target`` on ``screen``: ``screen`` dimmed behind a dialog titled after the target
+    (:func:`vlmkit.data.gui_layouts.dialog` at :data:`DIALOG_BOX`).
 
     The dialog's elements are the new screen's only targets; their names differ from ``target``, from the targets
     of ``screen`` and from ``avoid`` (names still visible from earlier screens). Deterministic in all arguments.
     """
     rng = random.Random(f"agent/followup/{screen.platform}/{screen.template}/{seed}/{target.name}/{target.box}")
-    base = screen.image.convert("RGB")
-    image = Image.blend(base, Image.new("RGB", base.size, (0, 0, 0)), 0.45)
-    out = gui.Screen(image, screen.platform, screen.template)
-    p = gui._Painter(out, rng, rng.choice(gui.THEMES), rng.choice(gui.ACCENTS))
-    taken = {t.name.lower() for t in screen.targets} | {n.lower() for n in avoid} | {target.name.lower()}
-    p.used |= taken
-    p.icons = [n for n in p.icons if n not in taken]
-    W, H = image.size
-    x1, y1, x2, y2 = DIALOG_BOX.get(screen.platform, (W // 8, H // 8, W - W // 8, H - H // 8))
-    x2, y2 = min(x2, W), min(y2, H)
-    p.d.rounded_rectangle([x1, y1, x2 - 1, y2 - 1], radius=10, fill=p.t["bg"], outline=(150, 150, 160))
-    p.d.rounded_rectangle([x1 + 1, y1 + 1, x2 - 2, y1 + 30], radius=9, fill=p.t["chrome"])
-    p.d.rectangle([x1 + 1, y1 + 16, x2 - 2, y1 + 30], fill=p.t["chrome"])
+    W, H = screen.image.size
+    box = DIALOG_BOX.get(screen.platform, (W // 8, H // 8, W - W // 8, H - H // 8))
     title = TITLES.get(target.name, target.name.capitalize()) if target.kind == "icon" else target.name
-    p.d.text((x1 + 12, y1 + 19), title, fill=p.t["fg"], font=p.f, anchor="lm")
-    if rng.random() < 0.5 and p._take("close"):
-        p.icon(x2 - 32, y1 + 6, 26, "close")
-    n_checks = min(rng.randint(2, 3), len(p._free(gui.CHECKS)))
-    y = p.vstack(x1 + 12, y1 + 40, x2 - 12, y2 - 40, [("checks", n_checks)] if n_checks else [])
-    x = x1 + 12
-    for word in rng.sample(p._free(DIALOG_BUTTONS), min(2, len(p._free(DIALOG_BUTTONS)))):
-        if x + p.text_w(word) + 18 > x2 - 12:
-            break
-        x += p.button(x, max(y + 4, y2 - 38), word) + 10
+    out = gui_layouts.dialog(screen, rng, box, title, avoid=set(avoid) | {target.name})
     if not out.targets:
         raise InputError(f"follow-up dialog of {target.name!r} on {screen.platform} has no room for targets")
     return out

@@ -8,7 +8,7 @@ native-resolution tiles, see :mod:`vlmkit.grounding.v2p`).
 
 Templates ``0..TRAIN_TEMPLATES-1`` of each platform are for training, the rest are held out for evaluation;
 template :data:`COMPOSED` draws a random arrangement of the same building blocks (:mod:`vlmkit.data.gui_layouts`),
-for training only.
+template :data:`DIALOG` a training or composed screen dimmed behind a modal dialog; both for training only.
 ``build_set(out, ...)`` writes ``screenspot_{platform}_v2.json`` (``img_filename``, ``bbox`` = [x, y, w, h] px,
 ``instruction``, ``data_type`` in {text, icon}, ``data_source``) and ``screenspot_imgs/*.png``.
 """
@@ -32,6 +32,7 @@ MIN_SIDE = 24
 N_TEMPLATES = 6  # fixed layout templates per platform
 TRAIN_TEMPLATES = 4  # templates 0..3 train, 4..5 are held out
 COMPOSED = N_TEMPLATES  # template index of composed (random) layouts, training only: see gui_layouts.py
+DIALOG = N_TEMPLATES + 1  # template index of screens behind a modal dialog, training only: see gui_layouts.py
 
 WORDS = ("Save", "Open", "Cancel", "Delete", "Edit", "Send", "Print", "Submit", "Next", "Back", "Done", "Apply",
          "Copy", "Paste", "Undo", "Redo", "Export", "Import", "Upload", "Reply", "Archive", "Filter", "Sort", "Add",
@@ -287,18 +288,21 @@ class _Painter:
 
 
 def render_screen(platform: str, template: int, seed: int) -> Screen:
-    """Render one screenshot of ``platform`` from layout ``template`` (0..N_TEMPLATES-1, or :data:`COMPOSED`) with
-    random content."""
+    """Render one screenshot of ``platform`` from layout ``template`` (0..N_TEMPLATES-1, :data:`COMPOSED` or
+    :data:`DIALOG`) with random content."""
     if platform not in PLATFORMS:
         raise InputError(f"unknown platform {platform!r}; choose {', '.join(PLATFORMS)}")
-    if not 0 <= template <= COMPOSED:
-        raise InputError(f"template {template} out of range 0..{N_TEMPLATES - 1} (or {COMPOSED} = composed)")
+    if not 0 <= template <= DIALOG:
+        raise InputError(f"template {template} out of range 0..{N_TEMPLATES - 1} (or {COMPOSED} = composed, "
+                         f"{DIALOG} = dialog)")
+    from vlmkit.data import gui_layouts  # imports this module: loaded on first use
+
+    if template == DIALOG:
+        return gui_layouts.dialog_screen(platform, seed)
     rng = random.Random(f"{platform}/{template}/{seed}")
     theme = rng.choice(THEMES)
     screen = Screen(Image.new("RGB", SIZES[platform], theme["bg"]), platform, template)
     painter = _Painter(screen, rng, theme, rng.choice(ACCENTS))
-    from vlmkit.data import gui_layouts  # imports this module: loaded on first use
-
     if template == COMPOSED:
         gui_layouts.compose(painter, platform)
     else:
@@ -308,12 +312,13 @@ def render_screen(platform: str, template: int, seed: int) -> Screen:
 
 TEMPLATE_SETS = {"train": tuple(range(TRAIN_TEMPLATES)), "heldout": tuple(range(TRAIN_TEMPLATES, N_TEMPLATES)),
                  "all": tuple(range(N_TEMPLATES)), "composed": (COMPOSED,),
-                 "varied": (*range(TRAIN_TEMPLATES), COMPOSED)}
+                 "varied": (*range(TRAIN_TEMPLATES), COMPOSED), "dialog": (DIALOG,),
+                 "mixed": (*range(TRAIN_TEMPLATES), COMPOSED, DIALOG)}
 
 
 def template_indices(templates: str | list[int]) -> list[int]:
     """Template indices of a named set (:data:`TEMPLATE_SETS`: train, heldout, all = the fixed templates, composed,
-    varied = train + composed) or of an explicit list."""
+    varied = train + composed, dialog, mixed = varied + dialog) or of an explicit list."""
     if not isinstance(templates, str):
         return list(templates)
     if templates not in TEMPLATE_SETS:
@@ -335,13 +340,14 @@ def instruction_for(target: Target, platform: str, rng: random.Random) -> str:
 
 def build_set(out: str | Path, *, screens_per_template: int = 20, templates: str | list[int] = "all",
               seed: int = 0, max_targets: int = 8, platforms=PLATFORMS,
-              composed_screens: int | None = None) -> dict[str, Path]:
+              composed_screens: int | None = None, dialog_screens: int | None = None) -> dict[str, Path]:
     """Write a ScreenSpot-v2-format set: ``screenspot_{platform}_v2.json`` + ``screenspot_imgs/``.
 
     ``templates``: a name of :data:`TEMPLATE_SETS` ("train" = 0..TRAIN_TEMPLATES-1, "heldout" = the rest, "all",
-    "composed", "varied" = train + composed) or a list of indices. Each screen contributes up to ``max_targets``
-    instructions (balanced text/icon); ``composed_screens`` (default ``screens_per_template``) is the number of
-    composed screens per platform when the set includes :data:`COMPOSED`. Returns platform -> annotation path.
+    "composed", "varied" = train + composed, "dialog", "mixed") or a list of indices. Each screen contributes up to
+    ``max_targets`` instructions (balanced text/icon); ``composed_screens`` / ``dialog_screens`` (default
+    ``screens_per_template``) are the numbers of :data:`COMPOSED` / :data:`DIALOG` screens per platform.
+    Returns platform -> annotation path.
     """
     templates = template_indices(templates)
     out = Path(out)
@@ -351,7 +357,8 @@ def build_set(out: str | Path, *, screens_per_template: int = 20, templates: str
     for platform in platforms:
         rows = []
         for t in templates:
-            n = composed_screens if t == COMPOSED and composed_screens is not None else screens_per_template
+            n = {COMPOSED: composed_screens, DIALOG: dialog_screens}.get(t)
+            n = screens_per_template if n is None else n
             for i in range(n):
                 s = seed * 100003 + i
                 screen = render_screen(platform, t, s)
@@ -377,7 +384,7 @@ def build_set(out: str | Path, *, screens_per_template: int = 20, templates: str
 
 def _data_screenspot(args) -> int:
     paths = build_set(args.out, screens_per_template=args.screens, templates=args.templates, seed=args.seed,
-                      composed_screens=args.composed_screens)
+                      composed_screens=args.composed_screens, dialog_screens=args.dialog_screens)
     for p in paths.values():
         print(f"wrote {p} ({len(json.loads(p.read_text()))} instructions)")
     return 0
@@ -390,8 +397,11 @@ def add_data_screenspot(data_subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--screens", type=int, default=20, help="screens per platform and template")
     p.add_argument("--composed-screens", type=int, default=None,
-                   help="composed screens per platform (default: --screens), with --templates composed / varied")
+                   help="composed screens per platform (default: --screens), with --templates composed/varied/mixed")
+    p.add_argument("--dialog-screens", type=int, default=None,
+                   help="dialog screens per platform (default: --screens), with --templates dialog / mixed")
     p.add_argument("--templates", default="heldout", choices=tuple(TEMPLATE_SETS),
                    help="layout templates to use (held-out ones were never used to train the shipped heads; "
-                        "composed = random arrangements of the building blocks, varied = train + composed)")
+                        "composed = random arrangements of the building blocks, varied = train + composed, "
+                        "dialog = screens behind a modal dialog, mixed = varied + dialog)")
     p.set_defaults(func=_data_screenspot)

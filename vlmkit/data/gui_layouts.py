@@ -12,12 +12,27 @@ split into 1-3 columns of random width, each filled top-down with a random list 
 bottom bar; font size, icon size and spacing are drawn per screen. Composed screens only reuse the generic blocks;
 none of the held-out templates' arrangements is coded there, and ``templates="heldout"`` never includes them, so
 held-out evaluation stays on layouts the grounder never saw.
+
+**Dialogs** (:func:`dialog`): a screen dimmed behind a modal dialog (a title bar, maybe a close icon, checkboxes,
+other blocks, a row of buttons); the dialog's elements are the new screen's only targets. The agent's follow-up
+screens (:mod:`vlmkit.agent`) are dialogs at a fixed place per platform; template :data:`vlmkit.data.gui.DIALOG`
+(:func:`dialog_screen`, training only) opens one of random size, place, dimming and contents over a training
+template or composed screen.
 """
 
 from __future__ import annotations
 
+import random
+
+from PIL import Image
+
+from vlmkit.data import gui
 from vlmkit.data.gui import SIZES, font
 from vlmkit.data.gui_icons import ICONS
+
+DIALOG_BUTTONS = ("Done", "Apply", "Cancel", "Save", "Back", "Continue", "Accept", "Decline", "Retry", "Skip")
+DIALOG_TITLES = ("Settings", "Profile", "Notifications", "Mail", "Security", "Network", "Files", "Preferences",
+                 "Options", "Account", "Confirm", "Share", "Export", "Details")
 
 
 def _mobile(p, t: int) -> None:
@@ -238,3 +253,60 @@ def compose(p, platform: str) -> None:
     pad = rng.choice((6, 10, 16))
     for x0, x1 in _split(p, W, n_cols, 130):
         _column(p, x0 + pad, top + pad, x1 - pad, bottom - 4)
+
+
+# ------------------------------------------------------------------------------------------------- dialogs
+def dialog(screen, rng: random.Random, box, title: str, *, avoid=frozenset(), dim: float = 0.45,
+           checks: tuple[int, int] = (2, 3), blocks: list[tuple] = (), n_buttons: int = 2):
+    """``screen`` dimmed (blend ``dim`` towards black) behind a modal dialog in ``box`` (x1, y1, x2, y2) px.
+
+    The dialog holds a title bar with ``title``, a close icon half of the time, ``randint(*checks)`` checkboxes
+    then ``blocks`` (:meth:`vlmkit.data.gui._Painter.vstack` blocks), and up to ``n_buttons`` of
+    :data:`DIALOG_BUTTONS` at the bottom. Its elements are the returned screen's only targets; their names differ
+    from the targets of ``screen``, from ``avoid`` and from the title. Deterministic in ``rng``'s state.
+    """
+    base = screen.image.convert("RGB")
+    out = gui.Screen(Image.blend(base, Image.new("RGB", base.size, (0, 0, 0)), dim), screen.platform,
+                     screen.template)
+    p = gui._Painter(out, rng, rng.choice(gui.THEMES), rng.choice(gui.ACCENTS))
+    taken = {t.name.lower() for t in screen.targets} | {n.lower() for n in avoid}
+    p.used |= taken
+    p.icons = [n for n in p.icons if n not in taken]
+    W, H = out.image.size
+    x1, y1, x2, y2 = box
+    x2, y2 = min(x2, W), min(y2, H)
+    p.d.rounded_rectangle([x1, y1, x2 - 1, y2 - 1], radius=10, fill=p.t["bg"], outline=(150, 150, 160))
+    p.d.rounded_rectangle([x1 + 1, y1 + 1, x2 - 2, y1 + 30], radius=9, fill=p.t["chrome"])
+    p.d.rectangle([x1 + 1, y1 + 16, x2 - 2, y1 + 30], fill=p.t["chrome"])
+    p.d.text((x1 + 12, y1 + 19), title, fill=p.t["fg"], font=p.f, anchor="lm")
+    if rng.random() < 0.5 and p._take("close"):
+        p.icon(x2 - 32, y1 + 6, 26, "close")
+    n_checks = min(rng.randint(*checks), len(p._free(gui.CHECKS)))
+    y = p.vstack(x1 + 12, y1 + 40, x2 - 12, y2 - 40, ([("checks", n_checks)] if n_checks else []) + list(blocks))
+    x = x1 + 12
+    for word in rng.sample(p._free(DIALOG_BUTTONS), min(n_buttons, len(p._free(DIALOG_BUTTONS)))):
+        if x + p.text_w(word) + 18 > x2 - 12:
+            break
+        x += p.button(x, max(y + 4, y2 - 38), word) + 10
+    return out
+
+
+def dialog_screen(platform: str, seed: int):
+    """Template :data:`vlmkit.data.gui.DIALOG`: a training template or composed screen behind a dialog of random
+    size, place, dimming, title and contents (a bottom sheet or a card on mobile)."""
+    rng = random.Random(f"{platform}/dialog/{seed}")
+    under = gui.render_screen(platform, rng.choice((*range(gui.TRAIN_TEMPLATES), gui.COMPOSED)), seed)
+    W, H = SIZES[platform]
+    if platform == "mobile" and rng.random() < .5:  # bottom sheet
+        box = (0, rng.randint(H // 3, H - 150), W, H)
+    else:
+        w, h = rng.randint(min(W, 170), W - 16), rng.randint(150, min(H, 260) - 16)
+        x, y = rng.randint(0, W - w), rng.randint(8, H - h)
+        box = (x, y, x + w, y + h)
+    extra = rng.choice((None, ("fields", rng.randint(1, 2)), ("icons", rng.randint(2, 5)), ("buttons", 2),
+                        ("text", rng.randint(1, 2))))
+    title = rng.choice(DIALOG_TITLES)
+    out = dialog(under, rng, box, title, avoid={title}, dim=rng.uniform(.25, .6), checks=(1, 4),
+                 blocks=[extra] if extra else [], n_buttons=rng.randint(1, 3))
+    out.template = gui.DIALOG
+    return out
