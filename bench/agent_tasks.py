@@ -4,7 +4,9 @@
 
 First screens come from the held-out layout templates (4, 5: never used to train the pointer head) with screen seeds
 ``vlmkit.agent.SEED_BASE + task seed`` (>= 1e9; the head's training screens use seeds (seed+1000)*100003+i, i < 100
-for the default --seed 0); the follow-up dialogs are a layout the head never saw. Grounders: the oracle (box centre:
+for the default --seed 0); the follow-up dialogs sit at a fixed place per platform over those held-out screens (the
+GUI fine-tune trained on dialog screens of random place, size and contents over training layouts, template
+``gui.DIALOG``; the default model's head never saw a dialog). Grounders: the oracle (box centre:
 checks the environment, must be 1.0), uniform random clicks (chance), the default model's pointer head
 (``v2p.default_grounder()``) and the attention-only fallback (``v2p.Grounder(vlm, None)``).
 
