@@ -47,20 +47,13 @@ def shuffled_copy(data: Path, dest: Path) -> Path:
 
 
 def size_thirds(data: Path, out: Path) -> dict:
-    """Accuracy by thirds of the targets ranked by box area (small / medium / large; ties split by id)."""
+    """Accuracy by thirds of the targets ranked by box area (``vlmkit.eval.screenspot.size_thirds``)."""
     from vlmkit.eval import runner
     from vlmkit.eval import screenspot as ss
 
     samples, _, _ = ss.load_screenspot(data)
     preds = {r["id"]: r.get("answer") for r in runner.read_predictions(out / runner.PREDICTIONS) if "answer" in r}
-    score = ss.score_screenspot(samples, preds, ss.default_images_dir(data))
-    area = lambda s: (s.box[2] - s.box[0]) * (s.box[3] - s.box[1])
-    ranked = sorted((s for s in samples if s.id in score.results), key=lambda s: (area(s), s.id))
-    n = len(ranked)
-    bins = {"small": ranked[:n // 3], "medium": ranked[n // 3:2 * n // 3], "large": ranked[2 * n // 3:]}
-    cut = [area(bins["medium"][0]) if bins["medium"] else 0, area(bins["large"][0]) if bins["large"] else 0]
-    bins = {k: [int(score.results[s.id].correct) for s in v] for k, v in bins.items()}
-    return {"cuts_px2": cut, **{k: {"accuracy": sum(v) / len(v) if v else 0.0, "n": len(v)} for k, v in bins.items()}}
+    return ss.score_screenspot(samples, preds, ss.default_images_dir(data)).by_size
 
 
 def main(argv=None) -> int:

@@ -196,3 +196,20 @@ def test_no_data_with_processes_and_a_model_path_asks_for_a_grounder_factory(tmp
     rc = main(["eval", "screenspot", "--screens", "1", "--limit", "2", "--num-processes", "2", "--model",
                str(tmp_path / "some-model"), "--out", str(tmp_path / "out"), "--quiet"])
     assert rc == 1 and "factory" in capsys.readouterr().err  # not text answers scored silently
+
+
+def test_size_thirds_ranks_targets_by_box_area_and_reports_them():
+    from types import SimpleNamespace
+
+    from vlmkit.eval import report
+    from vlmkit.eval.screenspot import size_thirds
+
+    # areas 1, 4, 9, ..., 81 (squares of side 1..9); the 3 smallest right, the 3 largest wrong
+    samples = [SimpleNamespace(id=f"s{k}", box=(0, 0, k, k)) for k in range(9, 0, -1)]
+    correct = {f"s{k}": k <= 3 or 4 <= k <= 5 for k in range(1, 10)}
+    size = size_thirds(samples + [SimpleNamespace(id="unscored", box=(0, 0, 50, 50))], correct)
+    assert size["small"] == {"accuracy": 1.0, "n": 3} and size["large"] == {"accuracy": 0.0, "n": 3}
+    assert size["medium"]["accuracy"] == pytest.approx(2 / 3) and size["cuts"] == [16, 49]
+    text = report.screenspot_table({"table": {"overall": {"average": {"accuracy": 0.5, "n": 9}}},
+                                    "rows": "platform", "by_size": size})
+    assert "By target size" in text and "| accuracy | 100.00 (3) | 66.67 (3) | 0.00 (3) |" in text

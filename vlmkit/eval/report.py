@@ -40,12 +40,19 @@ def chair_table(metrics: Mapping) -> str:
 
 
 def screenspot_table(metrics: Mapping) -> str:
-    """Rows (platform or group) x ui types with accuracy and counts."""
+    """Rows (platform or group) x ui types with accuracy and counts, then accuracy by target size if scored."""
     table = metrics.get("table", {})
     cols = list(dict.fromkeys(c for r in table.values() for c in r))
-    rows = [[r, *(f"{100 * v[c]['accuracy']:.2f} ({v[c]['n']})" if c in v else "" for c in cols)]
-            for r, v in table.items()]
-    return md_table([metrics.get("rows", "row"), *cols], rows)
+    cell = lambda v: f"{100 * v['accuracy']:.2f} ({v['n']})"  # noqa: E731
+    rows = [[r, *(cell(v[c]) if c in v else "" for c in cols)] for r, v in table.items()]
+    out = md_table([metrics.get("rows", "row"), *cols], rows)
+    size = metrics.get("by_size")
+    if size and any(size[k]["n"] for k in ("small", "medium", "large")):
+        out += ("\n\nBy target size (thirds of the targets ranked by box area; medium from "
+                f"{size['cuts'][0]:g}, large from {size['cuts'][1]:g} box units squared):\n\n"
+                + md_table(["size", "small", "medium", "large"],
+                           [["accuracy", *(cell(size[k]) for k in ("small", "medium", "large"))]]))
+    return out
 
 
 def summary_table(results: Mapping) -> str:

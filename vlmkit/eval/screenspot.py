@@ -336,7 +336,8 @@ class ClickResult:
 
 @dataclass
 class ScreenSpotScore:
-    """Overall accuracy, counts, per-sample results and the breakdown ``table[row][col] = {accuracy, n}``."""
+    """Overall accuracy, counts, per-sample results, the breakdown ``table[row][col] = {accuracy, n}`` and
+    ``by_size`` (:func:`size_thirds`)."""
 
     accuracy: float
     n: int
@@ -345,10 +346,11 @@ class ScreenSpotScore:
     results: dict[str, ClickResult] = field(default_factory=dict)
     table: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     row_key: str = "platform"
+    by_size: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"overall": {"accuracy": self.accuracy, "n": self.n, "wrong_format": self.wrong_format},
-                "table": self.table, "rows": self.row_key}
+                "table": self.table, "rows": self.row_key, "by_size": self.by_size}
 
 
 def image_size(sample: ScreenSpotSample, images_dir: str | Path | None = None) -> tuple[int, int]:
@@ -389,6 +391,20 @@ def breakdown(samples: Iterable[ScreenSpotSample], correct: Mapping[str, bool], 
     return table
 
 
+def size_thirds(samples: Iterable[ScreenSpotSample], correct: Mapping[str, bool]) -> dict:
+    """Accuracy by thirds of the scored targets ranked by box area (small / medium / large; ties split by id).
+
+    ``cuts`` = the smallest area of the medium and of the large third, in the boxes' units squared.
+    """
+    area = lambda s: (s.box[2] - s.box[0]) * (s.box[3] - s.box[1])  # noqa: E731
+    ranked = sorted((s for s in samples if s.id in correct), key=lambda s: (area(s), s.id))
+    n = len(ranked)
+    bins = {"small": ranked[:n // 3], "medium": ranked[n // 3:2 * n // 3], "large": ranked[2 * n // 3:]}
+    cuts = [area(bins[k][0]) if bins[k] else 0 for k in ("medium", "large")]
+    return {"cuts": cuts, **{k: {"accuracy": sum(bool(correct[s.id]) for s in v) / len(v) if v else 0.0,
+                                 "n": len(v)} for k, v in bins.items()}}
+
+
 def score_screenspot(samples: list[ScreenSpotSample], outputs: Mapping[str, Any],
                      images_dir: str | Path | None = None, units: str = "auto",
                      row_key: str | None = None) -> ScreenSpotScore:
@@ -414,7 +430,8 @@ def score_screenspot(samples: list[ScreenSpotSample], outputs: Mapping[str, Any]
     row_key = row_key or ("group" if any(s.group for s in samples) else "platform")
     n = len(results)
     hits = sum(r.correct for r in results.values())
+    correct = {k: r.correct for k, r in results.items()}
     return ScreenSpotScore(accuracy=hits / n if n else 0.0, n=n,
                            wrong_format=sum(r.status == "wrong_format" for r in results.values()),
                            missing=len(samples) - n, results=results, row_key=row_key,
-                           table=breakdown(samples, {k: r.correct for k, r in results.items()}, row_key))
+                           table=breakdown(samples, correct, row_key), by_size=size_thirds(samples, correct))
