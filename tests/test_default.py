@@ -159,6 +159,29 @@ def test_smoke_recipe_trains_saves_resumes_and_evaluates(tmp_path):
     assert m2["training"]["stage_b_steps"] >= m["training"]["stage_b_steps"]
 
 
+def test_draw_batches_groups_by_length_without_changing_the_draw():
+    from vlmkit.default.train import BATCH_B, Tokens, build_pool, draw_batches
+
+    _, processor = build_model_and_processor(0)
+    *_, recs = build_pool(12, processor, smoke=True)
+    tok, easy = Tokens(processor.tokenizer), np.array([0, 1, 2])
+    one = draw_batches(np.random.default_rng(5), recs, easy, 0.5, tok)
+    assert len(one) == 1 and len(one[0][0]) == BATCH_B == len(one[0][1])
+    again = draw_batches(np.random.default_rng(5), recs, easy, 0.5, tok, group=1)
+    assert [s[0] for s in again[0][1]] == [s[0] for s in one[0][1]]
+    four = draw_batches(np.random.default_rng(7), recs, easy, 1.0, tok, group=4)
+    assert len(four) == 4 and all(len(i) == len(sq) == BATCH_B for i, sq in four)
+    assert {int(i) for b in four for i in b[0]} <= {0, 1, 2}  # p = 1: easy scenes only
+    spans = sorted((min(len(s[0]) for s in sq), max(len(s[0]) for s in sq)) for _, sq in four)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # batches do not overlap in length
+    padded = lambda bs: sum(len(sq) * max(len(s[0]) for s in sq) for _, sq in bs)  # noqa: E731
+    draw_order = draw_batches(np.random.default_rng(7), recs, easy, 1.0, tok, group=4)
+    assert [s[0] for s in draw_order[0][1]] == [s[0] for s in four[0][1]]  # deterministic in the rng
+    seqs = [s for _, sq in four for s in sq]
+    unsorted = [(None, seqs[j::4]) for j in range(4)]  # the same conversations, batched without grouping
+    assert padded(four) <= padded(unsorted)
+
+
 def test_curriculum_starts_on_easy_scenes_and_ends_uniform():
     from vlmkit.default.train import CURRICULUM, Obj, Record, is_easy, p_easy
 

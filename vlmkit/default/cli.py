@@ -23,7 +23,7 @@ def _train(args) -> int:
     out = args.out or (Path(args.run_dir) / "smoke-model" if args.smoke else DEFAULT_OUT)
     train(out, minutes=minutes, smoke=args.smoke, resume=args.resume, run_dir=args.run_dir,
           n_scenes=args.scenes, eval_images=args.eval_images, steps_a=steps_a,
-          steps_b=steps_b, answer_loss=args.answer_loss)
+          steps_b=steps_b, answer_loss=args.answer_loss, group_by_length=args.group_by_length)
     print(f"saved model + metrics.json to {out}")
     return 0
 
@@ -49,6 +49,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--answer-loss", choices=("token", "answer"), default="token",
                    help="average the answer loss over tokens (shipped recipe) or over answers")
+    p.add_argument("--group-by-length", type=int, default=1, metavar="G",
+                   help="stage B: draw G batches at once and batch them by conversation length (less padding, "
+                        "bench/stage_b_batching.py); 1 = the shipped recipe")
     p.set_defaults(func=_train)
 
 

@@ -192,6 +192,27 @@ def encode_conversation(turns, tokens: Tokens, record: Record):
     return ids, labels, weights, rows
 
 
+def draw_batches(rng: np.random.Generator, recs: list, easy: np.ndarray, p: float, tok, group: int = 1) -> list:
+    """``group`` stage-B batches of :data:`BATCH_B` encoded conversations as a list of (scene indices, sequences).
+
+    Each scene is an easy one (``easy``: indices) with probability ``p``, else uniform. ``group`` = 1 is the
+    shipped recipe (one batch, in draw order). ``group`` > 1 draws ``group`` batches at once, sorts them by
+    length before cutting them into batches (less padding: ``bench/stage_b_batching.py``) and returns the batches
+    in random order; consume them with ``pop()``.
+    """
+    m = BATCH_B * group
+    idx = rng.integers(0, len(recs), m)
+    if len(easy):
+        pick = rng.random(m) < p
+        idx[pick] = easy[rng.integers(0, len(easy), int(pick.sum()))]
+    seqs = [encode_conversation(conversation(recs[i], rng), tok, recs[i]) for i in idx]
+    if group == 1:
+        return [(idx, seqs)]
+    order = np.argsort([len(sq[0]) for sq in seqs], kind="stable")
+    batches = [(idx[order[j:j + BATCH_B]], [seqs[k] for k in order[j:j + BATCH_B]]) for j in range(0, m, BATCH_B)]
+    return [batches[j] for j in rng.permutation(group)]
+
+
 def _lr(frac: float, base: float, warm: float = 0.05) -> float:
     if frac < warm:
         return base * frac / warm
@@ -223,15 +244,18 @@ def _save_ckpt(path: Path, state: dict):
 def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool = False, run_dir="runs/default",
           n_scenes: int | None = None, eval_images: int | None = None, seed: int = 0,
           steps_a: int | None = None, steps_b: int | None = None, answer_loss: str = "token",
-          curriculum: tuple[float, float] = CURRICULUM, log=print) -> dict:
+          curriculum: tuple[float, float] = CURRICULUM, group_by_length: int = 1, log=print) -> dict:
     """Train from scratch (or resume), save the model + processor into ``out_dir``, evaluate, write metrics.json.
 
     The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
     of optimiser steps of a stage (then its learning-rate schedule runs over steps, and time does not matter).
     Resuming a finished run with a larger budget continues stage B. ``answer_loss``: "token" (every answer token
     counts once: the shipped recipe) or "answer" (every answer counts once, so a yes/no answer weighs as much as a
-    description). ``curriculum``: (hold, end) of the easy-scene schedule, see :func:`p_easy`.
+    description). ``curriculum``: (hold, end) of the easy-scene schedule, see :func:`p_easy`. ``group_by_length``:
+    stage-B batches drawn together and grouped by length (:func:`draw_batches`; 1 = the shipped recipe).
     """
+    if group_by_length < 1:
+        raise ValueError(f"group_by_length={group_by_length}: use 1 (no grouping) or more")
     if answer_loss not in ("token", "answer"):
         raise ValueError(f"answer_loss={answer_loss!r}: use 'token' or 'answer'")
     from vlmkit.default.evaluate import evaluate
@@ -324,15 +348,14 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     bar = _bar("stage B (QA + attention)", steps_b, budget_b, state)
     t0, last_ck = time.time() - state["elapsed"], time.time()
     pad = processor.tokenizer.pad_token_id
+    queue: list = []
     while (state["step"] < steps_b) if steps_b else (time.time() - t0 < budget_b):
         frac = state["step"] / steps_b if steps_b else (time.time() - t0) / budget_b
         for grp in opt.param_groups:
             grp["lr"] = _lr(frac, 1.5e-3) * min(1.0, (state["step"] - fresh_from + 1) / 50)
-        idx = rng.integers(0, n, BATCH_B)
-        if len(easy):
-            pick = rng.random(BATCH_B) < p_easy(frac, curriculum)
-            idx[pick] = easy[rng.integers(0, len(easy), int(pick.sum()))]
-        seqs = [encode_conversation(conversation(recs[i], rng), tok, recs[i]) for i in idx]
+        if not queue:
+            queue = draw_batches(rng, recs, easy, p_easy(frac, curriculum), tok, group_by_length)
+        idx, seqs = queue.pop()
         L = max(len(s[0]) for s in seqs)
         ids = torch.full((len(seqs), L), pad)
         lab = torch.full((len(seqs), L), -100)
@@ -389,7 +412,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                   TRAIN_SEED0 + n - 1], "stage_a": state.get("stage_a"), "stage_a_steps": state.get("steps_a"), "stage_b_steps": state["step"],
                   "stage_b_minutes": round(state["elapsed"] / 60, 2),
                   "attn_layers": list(ATTN_LAYERS), "curriculum": list(curriculum), "attn_weight": ATTN_WEIGHT,
-                  "answer_loss": answer_loss,
+                  "answer_loss": answer_loss, "group_by_length": group_by_length,
                   "device": str(dev),
                   "wall_s_train": round(time.time() - t_start, 1)}
     metrics = evaluate(out, n_images=eval_images or (24 if smoke else 200), log=log)
