@@ -45,18 +45,14 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=1e-3)
 
     def step(seqs) -> int:
-        L = max(len(s[0]) for s in seqs)
-        ids, lab = torch.full((B, L), pad), torch.full((B, L), -100)
-        am = torch.zeros((B, L), dtype=torch.long)
-        for b, (si, sl, _, _) in enumerate(seqs):
-            ids[b, :len(si)], lab[b, :len(sl)], am[b, :len(si)] = torch.tensor(si), torch.tensor(sl), 1
+        ids, lab, _, am = T.collate(seqs, pad)  # [B, L] each
         logits, attns = T.lm_forward(model, feats, ids, am, True)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100)
         loss = loss + sum(attns[i].mean() for i in T.ATTN_LAYERS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return B * L
+        return ids.numel()
 
     rng = np.random.default_rng(0)
     rounds = [[T.encode_conversation(conversation(recs[i], rng), tok, recs[i])

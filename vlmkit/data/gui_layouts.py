@@ -263,7 +263,8 @@ def dialog(screen, rng: random.Random, box, title: str, *, avoid=frozenset(), di
     The dialog holds a title bar with ``title``, a close icon half of the time, ``randint(*checks)`` checkboxes
     then ``blocks`` (:meth:`vlmkit.data.gui._Painter.vstack` blocks), and up to ``n_buttons`` of
     :data:`DIALOG_BUTTONS` at the bottom. Its elements are the returned screen's only targets; their names differ
-    from the targets of ``screen``, from ``avoid`` and from the title. Deterministic in ``rng``'s state.
+    from the targets of ``screen`` and from ``avoid`` (pass the title there to keep it apart from them too).
+    Deterministic in ``rng``'s state.
     """
     base = screen.image.convert("RGB")
     out = gui.Screen(Image.blend(base, Image.new("RGB", base.size, (0, 0, 0)), dim), screen.platform,

@@ -213,6 +213,18 @@ def draw_batches(rng: np.random.Generator, recs: list, easy: np.ndarray, p: floa
     return [batches[j] for j in rng.permutation(group)]
 
 
+def collate(seqs: list, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad encoded conversations (:func:`encode_conversation`) to the longest: token ids [B, L] (``pad``),
+    labels [B, L] (-100 = no loss), answer-token weights [B, L] and the attention mask [B, L]."""
+    B, L = len(seqs), max(len(s[0]) for s in seqs)
+    ids, lab = torch.full((B, L), pad), torch.full((B, L), -100)
+    wt, am = torch.zeros((B, L)), torch.zeros((B, L), dtype=torch.long)
+    for b, (si, sl, sw, _) in enumerate(seqs):
+        ids[b, :len(si)], lab[b, :len(sl)], am[b, :len(si)] = torch.tensor(si), torch.tensor(sl), 1
+        wt[b, :len(sw)] = torch.tensor(sw)
+    return ids, lab, wt, am
+
+
 def _lr(frac: float, base: float, warm: float = 0.05) -> float:
     if frac < warm:
         return base * frac / warm
@@ -356,14 +368,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         if not queue:
             queue = draw_batches(rng, recs, easy, p_easy(frac, curriculum), tok, group_by_length)
         idx, seqs = queue.pop()
-        L = max(len(s[0]) for s in seqs)
-        ids = torch.full((len(seqs), L), pad)
-        lab = torch.full((len(seqs), L), -100)
-        wt = torch.zeros((len(seqs), L))
-        am = torch.zeros((len(seqs), L), dtype=torch.long)
-        for b, (si, sl, sw, _) in enumerate(seqs):
-            ids[b, :len(si)], lab[b, :len(sl)], am[b, :len(si)] = torch.tensor(si), torch.tensor(sl), 1
-            wt[b, :len(sw)] = torch.tensor(sw)
+        ids, lab, wt, am = collate(seqs, pad)
         logits, attns = lm_forward(model, feats[torch.as_tensor(idx)].to(dev), ids.to(dev), am.to(dev), True)
         tok_ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten().to(dev), ignore_index=-100,
                                  reduction="none")                                            # [B * (L-1)]
