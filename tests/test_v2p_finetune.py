@@ -49,6 +49,7 @@ def test_backbone_trains_language_model_does_not_resume_and_checkpoint_loads(bas
     assert any("vision_tower" in n for n in names) and any("projector" in n for n in names)
     assert not any("language_model" in n or "lm_head" in n for n in names)
     before = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
+    lm_before = fg.language_model_sha256(vlm)
     st = fg.FinetuneSettings(steps=2, batch=1, lr=3e-3, backbone_lr=1e-2, save_every=1)
     head = fg.finetune(vlm, base / "data", tmp_path / "run", _cfg(vlm), st, progress=False)
     assert head.cfg.trained["steps"] == 2 and head.cfg.trained["finetuned_backbone"] is True
@@ -69,6 +70,12 @@ def test_backbone_trains_language_model_does_not_resume_and_checkpoint_loads(bas
     g = v2p.make_grounder(again)
     assert g.head is not None and g.head.cfg.trained["finetuned_backbone"] is True
     assert g.head.cfg.trained["base_backbone_sha256"] == "abc"
+    assert g.head.cfg.trained["language_model_sha256"] == lm_before == fg.language_model_sha256(again)
+    fresh = vlmkit.load(base / "base")
+    assert fg.language_model_sha256(fresh) == lm_before
+    with torch.no_grad():
+        fresh.adapter.language_model().layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    assert fg.language_model_sha256(fresh) != lm_before
     assert all(torch.equal(a, b) for a, b in zip(g.head.state_dict().values(), head.state_dict().values()))
     from PIL import Image
 
@@ -219,12 +226,17 @@ def test_shipped_gui_checkpoint_loads_by_name_and_beats_the_frozen_default_head(
     if not (path / "config.json").is_file():
         pytest.skip("GUI checkpoint not shipped")
     plain = AutoModelForImageTextToText.from_pretrained(str(path))
-    base = AutoModelForImageTextToText.from_pretrained(str(CHECKPOINT_DIR))
-    changed = {n for (n, a), b in zip(plain.state_dict().items(), base.state_dict().values()) if not torch.equal(a, b)}
-    assert changed and all("vision_tower" in n or "multi_modal_projector" in n for n in changed)
     vlm = vlmkit.load("gui")
     grounder = v2p.make_grounder(vlm, fallback=False)
     trained = grounder.head.cfg.trained
+    # the language model is its base's (the default model it was fine-tuned from), bit for bit
+    assert fg.language_model_sha256(vlm) == trained["language_model_sha256"]
+    default = vlmkit.load()
+    if fg.language_model_sha256(default) == trained["language_model_sha256"]:   # that base is still the default
+        base = AutoModelForImageTextToText.from_pretrained(str(CHECKPOINT_DIR))
+        changed = {n for (n, a), b in zip(plain.state_dict().items(), base.state_dict().values())
+                   if not torch.equal(a, b)}
+        assert changed and all("vision_tower" in n or "multi_modal_projector" in n for n in changed)
     assert trained["finetuned_backbone"] is True
     assert trained["backbone_sha256"] == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:16]
     paths = gui.build_set(tmp_path / "held", screens_per_template=1, templates="heldout", seed=99)
@@ -239,5 +251,5 @@ def test_shipped_gui_checkpoint_loads_by_name_and_beats_the_frozen_default_head(
             hits.append(s.box[0] <= x <= s.box[2] and s.box[1] <= y <= s.box[3])
         return sum(hits) / len(hits)
 
-    tuned, frozen = accuracy(grounder), accuracy(v2p.make_grounder(vlmkit.load(), fallback=False))
+    tuned, frozen = accuracy(grounder), accuracy(v2p.make_grounder(default, fallback=False))
     assert tuned >= 0.45 and tuned > frozen, (tuned, frozen, len(samples))

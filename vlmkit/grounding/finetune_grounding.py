@@ -273,11 +273,25 @@ def finetune(vlm, data, out, cfg: v2p.HeadConfig, st: FinetuneSettings, *, resum
     return head.cpu().eval()
 
 
+def language_model_sha256(vlm) -> str:
+    """First 16 hex digits of a sha256 over every parameter the fine-tune leaves frozen (the language model and its
+    embeddings: all but :func:`backbone_parameters`), by name, in name order: equal for a base model and every
+    fine-tune of it."""
+    tuned = set(backbone_parameters(vlm))
+    h = hashlib.sha256()
+    for name, p in sorted(vlm.model.named_parameters()):
+        if name not in tuned:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_finetuned(vlm, head: v2p.PointerHead, dest: str | Path, provenance: dict | None = None) -> Path:
     """Write the fine-tuned model + processor to ``dest`` and the head to ``<dest>-pointer``; returns ``dest``.
 
     ``provenance`` (e.g. ``base_backbone``, ``base_backbone_sha256``, data) is added to the head's ``trained`` record
-    with ``finetuned_backbone: true`` and ``backbone_sha256`` of the written weights.
+    with ``finetuned_backbone: true``, ``backbone_sha256`` of the written weights and ``language_model_sha256``
+    (:func:`language_model_sha256`: the untouched language model, the same as the base model's).
     """
     dest = Path(dest)
     _check_dest(vlm, dest)
@@ -285,7 +299,8 @@ def save_finetuned(vlm, head: v2p.PointerHead, dest: str | Path, provenance: dic
     vlm.processor.save_pretrained(dest)
     w = dest / "model.safetensors"
     sha = hashlib.sha256(w.read_bytes()).hexdigest()[:16] if w.is_file() else None
-    trained = {**head.cfg.trained, **(provenance or {}), "finetuned_backbone": True, "backbone_sha256": sha}
+    trained = {**head.cfg.trained, **(provenance or {}), "finetuned_backbone": True, "backbone_sha256": sha,
+               "language_model_sha256": language_model_sha256(vlm)}
     head.cfg = replace(head.cfg, backbone=str(dest), trained=trained)
     v2p.save_head(head, pointer_dir(dest))
     return dest
