@@ -271,10 +271,58 @@ def test_train_default_help_states_the_shipped_recipe():
     import argparse
 
     from vlmkit.default.cli import add_parsers
-    from vlmkit.default.train import N_SCENES, STEPS
+    from vlmkit.default.train import N_SCENES, PRECISION, STEPS
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_parsers(sub)
     text = " ".join(sub.choices["train-default"].format_help().split())
     assert f"({N_SCENES} scenes, two stages: {STEPS[0]} + {STEPS[1]} steps" in text
     assert f"default {N_SCENES};" in text
+    assert f"(default {PRECISION};" in text
+
+
+def test_row_attention_equals_eager_attention_on_the_image_columns():
+    import torch
+
+    from vlmkit.default.row_attention import image_rows, register
+    from vlmkit.default.train import IMG_START, lm_forward
+
+    model, _ = build_model_and_processor(0)
+    lm = model.model.language_model
+    feats = torch.randn(2, 1 + N_IMAGE_TOKENS, 128)                    # [B, 65, 128] tower features
+    ids = torch.randint(5, 100, (2, IMG_START + N_IMAGE_TOKENS + 9))
+    am = torch.ones_like(ids)
+    am[1, -3:] = 0                                                     # right padding on the second sample
+    model.set_attn_implementation("eager")
+    logits_e, attns = lm_forward(model, feats, ids, am, True)
+    model.set_attn_implementation({"text_config": register()})
+    bi, ri, cols = torch.tensor([0, 1, 1]), torch.tensor([70, 66, 71]), slice(IMG_START, IMG_START + N_IMAGE_TOKENS)
+    with image_rows(lm, (1, 2), bi, ri, cols) as probs:
+        logits_r, _ = lm_forward(model, feats, ids, am, False)
+    assert set(probs) == {1, 2}
+    torch.testing.assert_close(logits_r, logits_e, atol=1e-5, rtol=1e-4)
+    for layer in (1, 2):
+        torch.testing.assert_close(probs[layer], attns[layer][bi, :, ri, cols], atol=1e-5, rtol=1e-4)
+    assert not hasattr(lm.layers[1].self_attn, "_vlmkit_rows")          # restored after the block
+    probs.clear()
+    lm_forward(model, feats, ids, am, False)
+    assert not probs                                                    # nothing recorded outside the block
+
+
+def test_list_answers_look_at_each_named_object_before_naming_it():
+    from vlmkit.default.qa import QA
+    from vlmkit.default.train import Obj, Record, Tokens, encode_conversation, list_targets
+
+    cov = np.zeros((3, N_IMAGE_TOKENS), np.float16)
+    cov[0, 3], cov[1, 40], cov[2, 41] = 0.9, 0.5, 0.05              # red circle; two blue stars
+    objs = [Obj("circle", "red", (0, 0, 1, 1), (5, 0)), Obj("star", "blue", (0, 0, 1, 1), (10, 0)),
+            Obj("star", "blue", (0, 0, 1, 1), (12, 0))]
+    rec = Record(96, 96, objs, cov)
+    tokens = Tokens(build_tokenizer())
+    qa = QA("list", "What objects are in the image?", "red circle, blue star", [])
+    assert tokens(qa.answer) == tokens("red circle") + tokens(",") + tokens("blue star")  # pieces concatenate
+    assert list_targets(qa.answer, tokens, rec) == [(0, [0]), (3, [1, 2])]
+    ids, labels, _, rows = encode_conversation([qa], tokens, rec)
+    assert [ids[r + 1] for r, _ in rows] == [tokens("red")[0], tokens("blue")[0]]   # rows predict the colour word
+    assert all(labels[r + 1] == ids[r + 1] for r, _ in rows)
+    assert [set(np.flatnonzero(t)) for _, t in rows] == [{3}, {40}]    # 5% of cell 41 is below 15%, not the best

@@ -302,7 +302,7 @@ def test_as_transformers_attention_same_answers_and_maps():
 
 def test_bench_cpu_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--cpu-smoke", "--reps", "1", "--json",
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_speed.py"), "--cpu-smoke", "--reps", "1", "--json",
                         str(out), "--methods", "eager", "sdpa+rows", "vlmkit+pass2", "vlmkit+pass2-reduced"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={k: v for k, v in os.environ.items() if k not in ("VLMKIT_KERNEL", "TRITON_INTERPRET")})

@@ -23,17 +23,20 @@ def _train(args) -> int:
     out = args.out or (Path(args.run_dir) / "smoke-model" if args.smoke else DEFAULT_OUT)
     train(out, minutes=minutes, smoke=args.smoke, resume=args.resume, run_dir=args.run_dir,
           n_scenes=args.scenes, eval_images=args.eval_images, steps_a=steps_a,
-          steps_b=steps_b, answer_loss=args.answer_loss, group_by_length=args.group_by_length)
+          steps_b=steps_b, answer_loss=args.answer_loss, group_by_length=args.group_by_length,
+          precision=args.precision)
     print(f"saved model + metrics.json to {out}")
     return 0
 
 
 def add_parsers(subparsers) -> None:
     """Register ``train-default`` on an ``argparse`` sub-parsers object."""
+    # literal numbers (importing train.py here would load torch for every vlmkit command); a test keeps them in sync
+    N_SCENES, STEPS, PRECISION = 48000, (10000, 18000), "fp32"
     p = subparsers.add_parser("train-default", help="train the embedded default model from scratch",
                               description="Train the small LLaVA default model on generated scenes "
-                                          "(32000 scenes, two stages: 10000 + 18000 steps, or --minutes), save it "
-                                          "and evaluate it on held-out scenes.")
+                                          f"({N_SCENES} scenes, two stages: {STEPS[0]} + {STEPS[1]} steps, or "
+                                          "--minutes), save it and evaluate it on held-out scenes.")
     p.add_argument("--out", type=Path, default=None,
                    help=f"output directory (default: the packaged checkpoint {DEFAULT_OUT}; with --smoke: "
                         "RUN_DIR/smoke-model)")
@@ -42,7 +45,7 @@ def add_parsers(subparsers) -> None:
                    help="time budget in minutes instead of the shipped step counts (smoke: 0.7)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
     p.add_argument("--run-dir", default="runs/default", help="scratch dir for checkpoints (default runs/default)")
-    p.add_argument("--scenes", type=int, default=None, help="training scenes (default 32000; smoke 300)")
+    p.add_argument("--scenes", type=int, default=None, help=f"training scenes (default {N_SCENES}; smoke 300)")
     p.add_argument("--eval-images", type=int, default=None, help="held-out scenes to evaluate on (default 200)")
     p.add_argument("--steps-a", type=int, default=None, help="fix stage A to this many steps (overrides time)")
     p.add_argument("--steps-b", type=int, default=None, help="fix stage B to this many steps (overrides time)")
@@ -51,7 +54,10 @@ def add_parsers(subparsers) -> None:
                    help="average the answer loss over tokens (shipped recipe) or over answers")
     p.add_argument("--group-by-length", type=int, default=1, metavar="G",
                    help="stage B: draw G batches at once and batch them by conversation length (less padding, "
-                        "bench/stage_b_batching.py); 1 = the shipped recipe")
+                        "bench/stage_b_step.py); 1 = the shipped recipe")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=PRECISION,
+                   help=f"bf16: matmuls under bf16 autocast, fp32 master weights (default {PRECISION}; "
+                        "bench/stage_b_step.py)")
     p.set_defaults(func=_train)
 
 

@@ -39,6 +39,8 @@ from tqdm import tqdm
 from vlmkit.data.scenes import COLORS, SHAPES, generate_scene
 from vlmkit.default.build import GRID, N_IMAGE_TOKENS, build_model_and_processor, pad_geometry, patch_coverage
 from vlmkit.default.qa import conversation, shared_attributes
+from vlmkit.default.row_attention import image_rows
+from vlmkit.default.row_attention import register as register_row_attention
 
 TRAIN_SEED0 = 1_000_000
 ATTN_LAYERS = (1, 2)
@@ -47,10 +49,13 @@ IMG_START = 2                  # "user", ":" then the 64 image tokens
 CKPT_EVERY_S = 120
 STAGE_A_SHARE = 0.25
 BATCH_A, BATCH_B = 32, 32
-N_SCENES = 32000              # training scenes (CLI default)
+N_SCENES = 48000              # training scenes (CLI default)
 CURRICULUM = (0.3, 0.6)
 MIN_LABEL_COVER = 0.03        # stage A: an object covering this much of its best cell labels that cell
+OBJECT_WEIGHT = 1.0           # stage A: extra weight of the loss on object cells (stage_a_loss)
 STEPS = (10000, 18000)         # the shipped run's stage A / stage B optimiser steps (CLI default)
+PRECISION = "fp32"             # "bf16": matmuls of both stages under bf16 autocast (master weights stay fp32)
+TRAIN_MAX_WIDTH = 512          # training scenes are 96..TRAIN_MAX_WIDTH px wide (the generator's own range)
 
 
 @dataclass
@@ -71,7 +76,7 @@ class Record:
 
 
 def _scene_size(rng: np.random.Generator, smoke: bool) -> tuple[int, int]:
-    w = int(rng.integers(96, 200 if smoke else 385))
+    w = int(rng.integers(96, 200 if smoke else TRAIN_MAX_WIDTH + 1))
     h = int(np.clip(w * rng.choice([1.0, 1.0, 0.75, 1.33, 0.6, 1.6]), 96, 512))
     return w, h
 
@@ -127,6 +132,21 @@ def build_pool(n: int, processor, *, smoke: bool = False, seed0: int = TRAIN_SEE
             torch.as_tensor(np.stack(cen)), list(recs))
 
 
+def stage_a_loss(heads, hs: torch.Tensor, col: torch.Tensor, shp: torch.Tensor, cen: torch.Tensor) -> torch.Tensor:
+    """Per-patch loss of stage A. ``hs`` [B, 64, 128] patch features; labels [B, 64] (-100 = ambiguous cell).
+
+    Colour + shape cross-entropy over all labelled cells, plus :data:`OBJECT_WEIGHT` x the same over object cells
+    only (most cells are background, and without it the shapes of small objects were learnt slowly), plus 0.5 x the
+    object-centre loss."""
+    lc, ls = heads["color"](hs).flatten(0, 1), heads["shape"](hs).flatten(0, 1)              # [B * 64, 9]
+    col, shp = col.flatten(), shp.flatten()
+    loss = F.cross_entropy(lc, col, ignore_index=-100) + F.cross_entropy(ls, shp, ignore_index=-100)
+    obj = col > 0
+    if OBJECT_WEIGHT and bool(obj.any()):
+        loss = loss + OBJECT_WEIGHT * (F.cross_entropy(lc[obj], col[obj]) + F.cross_entropy(ls[obj], shp[obj]))
+    return loss + 0.5 * F.binary_cross_entropy_with_logits(heads["center"](hs).squeeze(-1), cen.float())
+
+
 def is_easy(record: Record) -> bool:
     """At most 3 objects, each covering at least one of the 64 token cells."""
     return len(record.objects) <= 3 and float(record.coverage.astype(np.float32).sum(1).min()) >= 1.0
@@ -169,6 +189,26 @@ def attention_targets(qa, record) -> list[int]:
     return sorted(set(by_colour) | set(by_shape))
 
 
+def _target_cells(record: Record, objects: list[int]) -> np.ndarray:
+    """bool [64]: the token cells objects cover >= 15%, plus the best-covered cell."""
+    cov = record.coverage[objects].astype(np.float32).max(0)
+    tgt = cov >= 0.15
+    tgt[int(cov.argmax())] = True
+    return tgt
+
+
+def list_targets(answer: str, tokens: Tokens, record: Record) -> list[tuple[int, list[int]]]:
+    """For a list answer ("red circle, blue star"): (index of each name's first token in the answer's tokens, the
+    objects of that name). The row that predicts a name's first token is where the model picks the next object."""
+    out, start = [], 0
+    for k, name in enumerate(answer.split(", ")):
+        objs = [i for i, o in enumerate(record.objects) if f"{o.color} {o.shape}" == name]
+        if objs:
+            out.append((start, objs))
+        start += len(tokens(name)) + len(tokens(","))
+    return out
+
+
 def encode_conversation(turns, tokens: Tokens, record: Record):
     """ids, labels (-100 outside answers), per-label weights (each answer's tokens share weight 1, so a one-word
     yes/no answer counts as much as a long description), [(row, target cell mask [64])] for the attention loss."""
@@ -181,10 +221,10 @@ def encode_conversation(turns, tokens: Tokens, record: Record):
         weights += [0.0] * len(head)
         look = attention_targets(qa, record)
         if look:
-            cov = record.coverage[look].astype(np.float32).max(0)
-            tgt = cov >= 0.15
-            tgt[int(cov.argmax())] = True
-            rows.append((len(ids) - 1, tgt))
+            rows.append((len(ids) - 1, _target_cells(record, look)))
+        if qa.skill == "list":
+            rows += [(len(ids) - 1 + start, _target_cells(record, look))
+                     for start, look in list_targets(qa.answer, tokens, record)]
         ans = tokens(qa.answer) + [tokens.tok.eos_token_id]
         ids += ans
         labels += ans
@@ -197,7 +237,7 @@ def draw_batches(rng: np.random.Generator, recs: list, easy: np.ndarray, p: floa
 
     Each scene is an easy one (``easy``: indices) with probability ``p``, else uniform. ``group`` = 1 is the
     shipped recipe (one batch, in draw order). ``group`` > 1 draws ``group`` batches at once, sorts them by
-    length before cutting them into batches (less padding: ``bench/stage_b_batching.py``) and returns the batches
+    length before cutting them into batches (less padding: ``bench/stage_b_step.py``) and returns the batches
     in random order; consume them with ``pop()``.
     """
     m = BATCH_B * group
@@ -256,7 +296,8 @@ def _save_ckpt(path: Path, state: dict):
 def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool = False, run_dir="runs/default",
           n_scenes: int | None = None, eval_images: int | None = None, seed: int = 0,
           steps_a: int | None = None, steps_b: int | None = None, answer_loss: str = "token",
-          curriculum: tuple[float, float] = CURRICULUM, group_by_length: int = 1, log=print) -> dict:
+          curriculum: tuple[float, float] = CURRICULUM, group_by_length: int = 1, precision: str = PRECISION,
+          log=print) -> dict:
     """Train from scratch (or resume), save the model + processor into ``out_dir``, evaluate, write metrics.json.
 
     The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
@@ -268,6 +309,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     """
     if group_by_length < 1:
         raise ValueError(f"group_by_length={group_by_length}: use 1 (no grouping) or more")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}: use 'fp32' or 'bf16'")
     if answer_loss not in ("token", "answer"):
         raise ValueError(f"answer_loss={answer_loss!r}: use 'token' or 'answer'")
     from vlmkit.default.evaluate import evaluate
@@ -279,7 +322,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     run.mkdir(parents=True, exist_ok=True)
     ckpt_path = run / "ckpt.pt"
     model, processor = build_model_and_processor(seed)
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation("sdpa")
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     tok = Tokens(processor.tokenizer)
     n = n_scenes or (300 if smoke else N_SCENES)
     budget = minutes * 60.0
@@ -319,10 +363,9 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
             x[flip] = x[flip].flip(-1)
             for lab in (c, s, ce):
                 lab[flip] = lab[flip].view(-1, GRID, GRID).flip(-1).reshape(-1, N_IMAGE_TOKENS)
-            hs = tower(normalize(x, processor).to(dev)).last_hidden_state[:, 1:]
-            loss = (F.cross_entropy(heads["color"](hs).flatten(0, 1), c.flatten().to(dev), ignore_index=-100)
-                    + F.cross_entropy(heads["shape"](hs).flatten(0, 1), s.flatten().to(dev), ignore_index=-100)
-                    + 0.5 * F.binary_cross_entropy_with_logits(heads["center"](hs).squeeze(-1), ce.float().to(dev)))
+            with amp:
+                hs = tower(normalize(x, processor).to(dev)).last_hidden_state[:, 1:].float()   # [B, 64, 128]
+            loss = stage_a_loss(heads, hs, c.to(dev), s.to(dev), ce.to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -339,12 +382,15 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                                        "opt": opt.state_dict(), "state": dict(state)})
                 last_ck = time.time()
         bar.close()
-        state = {"stage": "B", "elapsed": 0.0, "step": 0, "steps_a": state["step"], "stage_a": _patch_accuracy(tower, heads, pix, col, shp,
-                                                                                    processor, dev)}
+        acc = _patch_accuracy(tower, heads, pix, col, shp, processor, dev, k=64 if smoke else 512, smoke=smoke)
+        state = {"stage": "B", "elapsed": 0.0, "step": 0, "steps_a": state["step"], "stage_a": acc}
         log(f"stage A done: {state['stage_a']}")
         _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "state": dict(state)})
     # ---------------------------------------------------------------- stage B: QA + attention loss, frozen tower
     tower.requires_grad_(False)
+    # SDPA in every layer; the answer rows' image attention of ATTN_LAYERS recomputed exactly (row_attention.py)
+    model.set_attn_implementation({"text_config": register_row_attention()})
+    lm, image_cols = model.model.language_model, slice(IMG_START, IMG_START + N_IMAGE_TOKENS)
     with torch.no_grad():
         feats = torch.cat([tower(normalize(pix[i:i + 256], processor).to(dev)).last_hidden_state.cpu()
                            for i in range(0, n, 256)])
@@ -369,7 +415,14 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
             queue = draw_batches(rng, recs, easy, p_easy(frac, curriculum), tok, group_by_length)
         idx, seqs = queue.pop()
         ids, lab, wt, am = collate(seqs, pad)
-        logits, attns = lm_forward(model, feats[torch.as_tensor(idx)].to(dev), ids.to(dev), am.to(dev), True)
+        bi, ri, tg = [], [], []
+        for b, (_, _, _, rows) in enumerate(seqs):
+            for r, t in rows:
+                bi.append(b), ri.append(r), tg.append(t)
+        with image_rows(lm, ATTN_LAYERS, torch.as_tensor(bi, dtype=torch.long, device=dev),
+                        torch.as_tensor(ri, dtype=torch.long, device=dev), image_cols) as probs, amp:
+            logits, _ = lm_forward(model, feats[torch.as_tensor(idx)].to(dev), ids.to(dev), am.to(dev), False)
+        logits = logits.float()                                                             # [B, L, vocab]
         tok_ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten().to(dev), ignore_index=-100,
                                  reduction="none")                                            # [B * (L-1)]
         if answer_loss == "answer":                # mean over answers of each answer's mean token loss
@@ -377,15 +430,11 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         else:                                      # "token" (the shipped recipe): mean over answer tokens
             w = (lab[:, 1:] != -100).flatten().float().to(dev)
         ce = (tok_ce * w).sum() / w.sum()
-        bi, ri, tg = [], [], []
-        for b, (_, _, _, rows) in enumerate(seqs):
-            for r, t in rows:
-                bi.append(b), ri.append(r), tg.append(t)
         al = torch.zeros((), device=dev)
         if bi:
             tgt = torch.as_tensor(np.stack(tg), dtype=torch.float32, device=dev)
             for layer in ATTN_LAYERS:
-                a = attns[layer][bi, :, ri, IMG_START:IMG_START + N_IMAGE_TOKENS].mean(1)   # [Q, 64]
+                a = probs[layer].float().mean(1)                                         # [Q, 64] head mean
                 al = al + (-torch.log((a * tgt).sum(-1) / (a.sum(-1) + 1e-8) + 1e-6)).mean() / len(ATTN_LAYERS)
         loss = ce + ATTN_WEIGHT * al
         opt.zero_grad(set_to_none=True)
@@ -417,7 +466,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                   TRAIN_SEED0 + n - 1], "stage_a": state.get("stage_a"), "stage_a_steps": state.get("steps_a"), "stage_b_steps": state["step"],
                   "stage_b_minutes": round(state["elapsed"] / 60, 2),
                   "attn_layers": list(ATTN_LAYERS), "curriculum": list(curriculum), "attn_weight": ATTN_WEIGHT,
-                  "answer_loss": answer_loss, "group_by_length": group_by_length,
+                  "answer_loss": answer_loss, "group_by_length": group_by_length, "precision": precision,
                   "device": str(dev),
                   "wall_s_train": round(time.time() - t_start, 1)}
     metrics = evaluate(out, n_images=eval_images or (24 if smoke else 200), log=log)
@@ -428,13 +477,19 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
 
 
 @torch.no_grad()
-def _patch_accuracy(tower, heads, pix, col, shp, processor, dev, k: int = 512) -> dict:
-    """Stage-A per-patch colour+shape accuracy on the last ``k`` pool scenes (overall and on object cells)."""
-    x = normalize(pix[-k:], processor).to(dev)
-    hs = tower(x).last_hidden_state[:, 1:]
-    c, s = heads["color"](hs).argmax(-1).cpu(), heads["shape"](hs).argmax(-1).cpu()
-    cc, ss = col[-k:], shp[-k:]
-    ok = (c == cc) & (s == ss)
-    valid, obj = cc >= 0, cc > 0
-    return {"patch_acc_all": round(float(ok[valid].float().mean()), 4),
-            "patch_acc_object": round(float(ok[obj].float().mean()), 4)}
+def _patch_accuracy(tower, heads, pix, col, shp, processor, dev, k: int = 512, smoke: bool = False) -> dict:
+    """Stage-A per-patch colour+shape accuracy, overall and on object cells: on the last ``k`` pool scenes (seen in
+    training) and on ``k`` held-out scenes rendered the same way from the validation seeds."""
+    from vlmkit.default.evaluate import VAL_SEED0
+
+    vpix, vcol, vshp, _, _ = build_pool(k, processor, smoke=smoke, seed0=VAL_SEED0, desc="held-out scenes")
+    out = {}
+    for name, (p, cc, ss) in {"": (pix[-k:], col[-k:], shp[-k:]), "_heldout": (vpix, vcol, vshp)}.items():
+        hs = tower(normalize(p, processor).to(dev)).last_hidden_state[:, 1:]                # [k, 64, 128]
+        c, s = heads["color"](hs).argmax(-1).cpu(), heads["shape"](hs).argmax(-1).cpu()
+        ok = (c == cc) & (s == ss)
+        valid, obj = cc >= 0, cc > 0
+        out[f"patch_acc_all{name}"] = round(float(ok[valid].float().mean()), 4)
+        out[f"patch_acc_object{name}"] = round(float(ok[obj].float().mean()), 4)
+        out[f"shape_acc_object{name}"] = round(float((s == ss)[obj].float().mean()), 4)
+    return out

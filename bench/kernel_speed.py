@@ -13,9 +13,9 @@ N 1k-16k, image columns ~90% of N); R = the last row, or the text rows after the
 Reports median ms, peak extra memory, achieved TFLOP/s (causal forward FLOPs + pass-2 FLOPs) and % of the card's
 dense bf16 peak, the max probability error against an fp32 reference, and whether pass 2 is bitwise reproducible.
 
-    python bench/kernels.py [--quick] [--json out.json] [--peak-tflops 989]      # on a CUDA GPU
-    python bench/kernels.py --cpu-smoke                                          # tiny shapes on CPU: the code runs
-    TRITON_INTERPRET=1 python bench/kernels.py --cpu-smoke                       # ... including the Triton kernels
+    python bench/kernel_speed.py [--quick] [--json out.json] [--peak-tflops 989]  # on a CUDA GPU
+    python bench/kernel_speed.py --cpu-smoke                                      # tiny shapes on CPU: the code runs
+    TRITON_INTERPRET=1 python bench/kernel_speed.py --cpu-smoke                   # ... including the Triton kernels
 """
 
 from __future__ import annotations

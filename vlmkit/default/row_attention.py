@@ -1,0 +1,74 @@
+"""Stage-B attention of the default model's recipe: SDPA for every row, exact probabilities for a few rows.
+
+The attention loss of :mod:`vlmkit.default.train` needs, in a few language-model layers, only the attention that the
+rows predicting answers pay to the 64 image tokens. Those probabilities are recomputed from the rows' queries and
+all keys (same mask as SDPA): ``[Q, H, L]`` scores instead of eager attention's ``[B, H, L, L]`` probabilities (and
+their backward) in every layer. The layer outputs come from SDPA as usual.
+
+Usage (the language model must run with :data:`NAME` as its attention implementation, :func:`register`)::
+
+    with image_rows(lm, layers=(1, 2), batch=bi, rows=ri, cols=slice(2, 66)) as probs:
+        lm(inputs_embeds=..., attention_mask=...)
+    probs[1]        # [Q, H, 64]: attention of query row ri[q] of sample bi[q] on the image columns, layer 1
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+NAME = "vlmkit_rows"
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+               **kwargs):
+    """``query [B, H, L, D]``, ``key/value [B, H_kv, L, D]`` -> (SDPA output ``[B, L, H, D]``, None); records the
+    requested rows' probabilities on the requested columns when a request is attached to ``module``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vlmkit.attention.backend import allowed_mask
+
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                    **kwargs)
+    req = getattr(module, "_vlmkit_rows", None)
+    if req is not None:
+        bi, ri, cols, store = req
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        k = key[bi]                                                           # [Q, H_kv, L, D]
+        if k.shape[1] != query.shape[1]:
+            k = k.repeat_interleave(query.shape[1] // k.shape[1], dim=1)      # [Q, H, L, D]
+        q = query[bi, :, ri]                                                  # [Q, H, D]
+        scores = torch.einsum("qhd,qhld->qhl", q.float(), k.float()) * scale  # [Q, H, L]
+        lq, lk = query.shape[2], key.shape[2]
+        ok = allowed_mask(attention_mask, lq, lk, getattr(module, "is_causal", True), query.device)
+        ok = ok[bi if ok.shape[0] > 1 else torch.zeros_like(bi), 0, ri]       # [Q, L]
+        probs = scores.masked_fill(~ok[:, None], float("-inf")).softmax(-1)  # [Q, H, L]
+        store[module.layer_idx] = probs[:, :, cols]
+    return out, None
+
+
+def register() -> str:
+    """Register :data:`NAME` with transformers' attention and mask registries (idempotent); returns it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, _attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+@contextmanager
+def image_rows(language_model, layers, batch, rows, cols: slice):
+    """Record, for every layer in ``layers``, the softmax over columns ``cols`` of the query rows
+    ``(batch[q], rows[q])`` (index tensors ``[Q]``) during the forwards inside the block. Yields a dict
+    ``{layer: [Q, H, C]}`` filled by them; the modules are restored on exit, also on error."""
+    store: dict[int, torch.Tensor] = {}
+    mods = [language_model.layers[i].self_attn for i in layers]
+    try:
+        for m in mods:
+            m._vlmkit_rows = (batch, rows, cols, store)
+        yield store
+    finally:
+        for m in mods:
+            if hasattr(m, "_vlmkit_rows"):
+                del m._vlmkit_rows
