@@ -10,6 +10,12 @@ lightness jitter, outlines are 0-5 px in a darker or lighter shade, objects cast
 smooth "photo" noise, ruled paper, wood grain, dark slate or a vertical gradient; images are 128-640 px with aspect
 ratios up to 1.5. Object names are drawn uniformly (no co-occurrence prior), sizes 12-30% of the short side.
 
+A second style, :func:`render_sketch` ("sketch style"), was added after ``generate_scene(..., variety=True)`` had
+been written for training, whose drawing variety was chosen knowing the first style above, so the first style no
+longer checks a variety-trained model independently. The sketch style varies what neither the generator nor its
+variety does: hand-drawn wobbly contours, fills shaded from light to dark, saturated / split / blurred-clutter /
+vignetted backgrounds, blur and JPEG compression.
+
 For each split (POPE random / popular / adversarial, the same question builder as the model card) and for colour
 and shape questions it prints accuracy on the project's own held-out scenes and on the outside-style scenes, in the
 same run, and the ratio; by-case rows split the outside-style answers as the model card does (object size in
@@ -160,6 +166,108 @@ def render(seed: int):
     return Scene(image=img, objects=objects, seed=seed, style=kind, meta={"renderer": "bench/style_shift.py"})
 
 
+SKETCH_BACKGROUNDS = ("pastel", "split", "desk", "vignette")
+
+
+def _sketch_background(w: int, h: int, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Float [h, w, 3]: saturated pastel, two-tone diagonal split, blurred desk clutter or a vignetted tone."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    tone = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.15, 0.45), rng.uniform(0.55, 0.95))) * 255
+    img = np.broadcast_to(tone, (h, w, 3)).astype(np.float32).copy()
+    if kind == "split":
+        other = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.1, 0.4), rng.uniform(0.3, 0.9))) * 255
+        img[(xx / w + yy / h) > rng.uniform(0.6, 1.4)] = other
+    elif kind == "desk":
+        pil = Image.fromarray(img.astype(np.uint8))
+        d = ImageDraw.Draw(pil)
+        for _ in range(int(rng.integers(4, 10))):
+            x0, y0 = rng.uniform(-0.2, 1.0) * w, rng.uniform(-0.2, 1.0) * h
+            x1, y1 = x0 + rng.uniform(0.2, 0.6) * w, y0 + rng.uniform(0.2, 0.6) * h
+            d.rectangle([x0, y0, x1, y1], fill=tuple(int(v) for v in np.clip(tone + rng.uniform(-50, 50, 3), 0, 255)))
+        img = np.asarray(pil.filter(ImageFilter.GaussianBlur(max(w, h) / 60)), np.float32)
+    elif kind == "vignette":
+        r = np.hypot(xx / w - 0.5, yy / h - 0.5)
+        img *= (1.0 - rng.uniform(0.3, 0.6) * r ** 2 * 2)[..., None]
+    return img
+
+
+def _wobbly(shape: str, cx: float, cy: float, r: float, rng: np.random.Generator) -> list:
+    """A hand-drawn outline: the shape's contour resampled densely with a slow random wobble of the radius."""
+    if shape == "circle":
+        base = [(math.cos(t), math.sin(t)) for t in np.linspace(0, 2 * math.pi, 40, endpoint=False)]
+    elif shape == "square":
+        base = [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
+    elif shape == "heart":
+        ts = np.linspace(0, 2 * math.pi, 40, endpoint=False)
+        base = list(zip(np.sin(ts) ** 3, -(13 * np.cos(ts) - 5 * np.cos(2 * ts) - 2 * np.cos(3 * ts)
+                                            - np.cos(4 * ts)) / 16 + 0.15))
+    else:
+        base = [((x - cx) / r, (y - cy) / r) for x, y in _points(shape, cx, cy, r, rng.uniform(-0.3, 0.3), rng)]
+    dense = []
+    for (x0, y0), (x1, y1) in zip(base, base[1:] + base[:1]):
+        n = max(1, int(math.hypot(x1 - x0, y1 - y0) * 12))
+        dense += [(x0 + (x1 - x0) * k / n, y0 + (y1 - y0) * k / n) for k in range(n)]
+    phase, amp = rng.uniform(0, 2 * math.pi, 3), rng.uniform(0.02, 0.06)
+    out = []
+    for k, (x, y) in enumerate(dense):
+        t = 2 * math.pi * k / len(dense)
+        f = 1 + amp * sum(math.sin((j + 2) * t + phase[j]) for j in range(3)) / 3
+        out.append((cx + r * x * f, cy + r * y * f))
+    return out
+
+
+def render_sketch(seed: int):
+    """A second outside style, written after the generator's ``variety`` option and sharing nothing with it:
+    hand-drawn wobbly contours, fills shaded from light to dark, saturated / split / blurred-clutter / vignetted
+    backgrounds, then blur and JPEG compression of the whole image; 100-720 px, objects 10-35% of the short side."""
+    import io
+
+    from vlmkit.data.scenes import COLORS, SHAPES, Scene, SceneObject
+
+    rng = np.random.default_rng([seed, 2718])
+    w = int(rng.integers(100, 721))
+    h = int(np.clip(w * rng.choice([1.0, 0.8, 1.25, 0.6]), 100, 720))
+    kind = str(rng.choice(SKETCH_BACKGROUNDS))
+    canvas = _sketch_background(w, h, kind, rng)
+    short = min(w, h)
+    names = [(str(rng.choice(COLORS)), str(rng.choice(SHAPES))) for _ in range(int(rng.integers(1, 7)))]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    masks, placed = [], []
+    for color, shape in dict.fromkeys(names):
+        for _ in range(30):
+            side = rng.uniform(0.10, 0.35) * short
+            cx, cy = rng.uniform(side / 2 + 2, w - side / 2 - 2), rng.uniform(side / 2 + 2, h - side / 2 - 2)
+            pts = _wobbly(shape, cx, cy, side / 2, rng)
+            m = Image.new("L", (w, h), 0)
+            ImageDraw.Draw(m).polygon(pts, fill=255)
+            full = np.asarray(m) > 127
+            if all((v & ~full).sum() >= 0.7 * v.sum() for v in masks) and full.sum() > 40:
+                break
+        else:
+            continue
+        fill = np.array(_colour(color, rng), np.float32)
+        ang = rng.uniform(0, 2 * math.pi)
+        ramp = ((xx - cx) * math.cos(ang) + (yy - cy) * math.sin(ang)) / side           # about -0.5..0.5 inside
+        shade = 1.0 + rng.uniform(0.1, 0.3) * np.clip(ramp, -0.6, 0.6) * (-1 if color == "white" else 1)
+        paint = np.clip(fill * shade[..., None] + (25 * np.clip(ramp, 0, 0.6)[..., None] if color == "black" else 0), 0, 255)
+        soft = np.asarray(m.filter(ImageFilter.GaussianBlur(0.7)), np.float32)[..., None] / 255.0
+        canvas = canvas * (1 - soft) + paint * soft
+        masks = [v & ~full for v in masks] + [full]
+        placed.append((shape, color))
+    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 1.0) * max(w, h) / 400))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=int(rng.integers(25, 76)))
+    img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    objects = []
+    for (shape, color), m in zip(placed, masks):
+        ys, xs = np.nonzero(m)
+        objects.append(SceneObject(shape=shape, color=color, box=(int(xs.min()), int(ys.min()), int(xs.max()) + 1,
+                                                                   int(ys.max()) + 1), mask=m))
+    return Scene(image=img, objects=objects, seed=seed, style=f"sketch {kind}",
+                 meta={"renderer": "bench/style_shift.py sketch"})
+
+
 def measure(model, processor, scenes, seed: int) -> dict:
     from vlmkit.default.evaluate import answer, is_yes, pope_breakdown
     from vlmkit.default.qa import make_qa, pope_questions
@@ -202,22 +310,27 @@ def main(argv=None) -> int:
     model, processor = load(args.model or default_model_path())
     t0 = time.time()
     own = measure(model, processor, [generate_scene(EVAL_SEED0 + i) for i in range(args.scenes)], 11)
-    shifted_scenes = [render(i) for i in range(args.scenes)]
-    shifted = measure(model, processor, shifted_scenes, 11)
+    styles = {"outside style": [render(i) for i in range(args.scenes)],
+              "sketch style": [render_sketch(i) for i in range(args.scenes)]}
+    res = {name: measure(model, processor, scenes, 11) for name, scenes in styles.items()}
     print(f"{args.scenes} scenes each, {time.time() - t0:.0f} s\n")
-    print("| metric | own generator | outside style | ratio |\n|---|---|---|---|")
+    print("| metric | own generator | " + " | ".join(f"{n} | ratio" for n in res) + " |")
+    print("|---|---|" + "---|---|" * len(res))
     for k, v in own.items():
         if isinstance(v, float):
-            print(f"| {k} | {v:.3f} | {shifted[k]:.3f} | {shifted[k] / max(v, 1e-9):.2f} |")
-    print("\noutside style, POPE random by case (accuracy, questions):")
-    for k, v in shifted["random_by_case"].items():
-        print(f"  {k}: {v[0]:.3f} ({v[1]})")
+            print(f"| {k} | {v:.3f} | " + " | ".join(f"{r[k]:.3f} | {r[k] / max(v, 1e-9):.2f}" for r in res.values())
+                  + " |")
+    for name, r in res.items():
+        print(f"\n{name}, POPE random by case (accuracy, questions):")
+        for k, v in r["random_by_case"].items():
+            print(f"  {k}: {v[0]:.3f} ({v[1]})")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"own": own, "outside_style": shifted}, indent=1))
-        for sc in shifted_scenes[:6]:
-            sc.image.save(out / f"outside_{sc.seed}.png")
+        (out / "results.json").write_text(json.dumps({"own": own, **res}, indent=1))
+        for name, scenes in styles.items():
+            for sc in scenes[:6]:
+                sc.image.save(out / f"{name.split()[0]}_{sc.seed}.png")
     return 0
 
 

@@ -209,8 +209,9 @@ def test_stage_a_labels_every_object_even_below_one_cell():
 
     _, processor = build_model_and_processor(0)
     seen_small = 0
-    for seed in range(TRAIN_SEED0, TRAIN_SEED0 + 12):
-        _, col, shp, cen, rec = _render((seed, True, processor.image_processor))
+    pixels = {}
+    for seed, variety in [(s, v) for s in range(TRAIN_SEED0, TRAIN_SEED0 + 12) for v in (0.0, 1.0)]:
+        pixels[seed, variety], col, shp, cen, rec = _render((seed, True, processor.image_processor, variety))
         cov = rec.coverage.astype(np.float32)                                    # [objects, 64]
         assert col.shape == shp.shape == cen.shape == (N_IMAGE_TOKENS,)
         for k, o in enumerate(rec.objects):
@@ -223,6 +224,8 @@ def test_stage_a_labels_every_object_even_below_one_cell():
         assert (col[big] > 0).all() and (shp[big] > 0).all()
         assert (col[cov.max(0) < MIN_LABEL_COVER] == 0).all()                  # empty cells are background
     assert seen_small > 0                                                      # the rule was exercised
+    varied = [not np.array_equal(pixels[s, 0.0], pixels[s, 1.0]) for s, _ in pixels]
+    assert sum(varied) >= len(varied) - 2                                      # variety = 1: (nearly) all redrawn
 
 
 def test_absent_objects_look_at_their_near_misses():
@@ -271,14 +274,14 @@ def test_train_default_help_states_the_shipped_recipe():
     import argparse
 
     from vlmkit.default.cli import add_parsers
-    from vlmkit.default.train import N_SCENES, PRECISION, STEPS
+    from vlmkit.default.train import N_SCENES, PRECISION, STEPS, VARIETY
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_parsers(sub)
     text = " ".join(sub.choices["train-default"].format_help().split())
     assert f"({N_SCENES} scenes, two stages: {STEPS[0]} + {STEPS[1]} steps" in text
     assert f"default {N_SCENES};" in text
-    assert f"(default {PRECISION};" in text
+    assert f"(default {PRECISION};" in text and f"(default {VARIETY})" in text
 
 
 def test_row_attention_equals_eager_attention_on_the_image_columns():

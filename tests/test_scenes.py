@@ -49,6 +49,12 @@ def _nearest_color(rgb):
     return min(COLORS, key=lambda c: float(np.sum((np.asarray(RGB[c], float) - rgb) ** 2)))
 
 
+def _core_color(arr, mask, r: int):
+    """Nearest palette colour of the median pixel of ``mask`` shrunk by ``r`` px; None if too little is left."""
+    core = mask & np.roll(mask, r, 0) & np.roll(mask, -r, 0) & np.roll(mask, r, 1) & np.roll(mask, -r, 1)
+    return _nearest_color(np.median(arr[core], axis=0)) if core.sum() >= 10 else None
+
+
 def test_masks_boxes_and_occlusion_are_consistent():
     overlaps = 0
     wrong_color = 0
@@ -70,10 +76,10 @@ def test_masks_boxes_and_occlusion_are_consistent():
             assert o.name == f"{o.color} {o.shape}"
             cover += o.mask
             # the visible pixels show the object's own colour (so occluded parts were removed from the mask)
-            core = o.mask & np.roll(o.mask, 1, 0) & np.roll(o.mask, -1, 0) & np.roll(o.mask, 1, 1) & np.roll(o.mask, -1, 1)
-            if core.sum() >= 10:
+            seen = _core_color(arr, o.mask, 1)
+            if seen is not None:
                 total += 1
-                wrong_color += _nearest_color(np.median(arr[core], axis=0)) != o.color
+                wrong_color += seen != o.color
         # visible masks never overlap; boxes of some objects do (occlusion happens)
         assert cover.max() <= 1
         boxes = [o.box for o in sc.objects]
@@ -146,3 +152,46 @@ def test_save_and_load_round_trip(tmp_path):
 def test_load_annotations_missing_dir_is_clear(tmp_path):
     with pytest.raises(InputError, match="save_scenes"):
         load_annotations(tmp_path)
+
+
+def test_variety_changes_the_drawing_not_the_default_scene_or_the_annotations():
+    plain = [generate_scene(s) for s in range(12)]
+    again = [generate_scene(s, variety=False) for s in range(12)]
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(plain, again))
+    varied = [generate_scene(s, variety=True) for s in range(12)]
+    twice = generate_scene(3, variety=True)
+    assert np.array_equal(np.asarray(twice.image), np.asarray(varied[3].image))           # deterministic
+    assert sum(not np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(plain, varied)) >= 10
+    assert all(sc.meta.get("variety") for sc in varied) and not any("variety" in sc.meta for sc in plain)
+    wrong = total = 0
+    for seed in range(40):                                    # masks and colours stay truthful under variety
+        sc = generate_scene(seed, variety=True)
+        arr = np.asarray(sc.image).astype(float)
+        cover = np.zeros(arr.shape[:2], int)
+        for o in sc.objects:
+            x0, y0, x1, y1 = o.box
+            assert o.mask.any() and o.mask[y0].any() and o.mask[:, x1 - 1].any()
+            cover += o.mask
+            seen = _core_color(arr, o.mask, 3)                # inside outlines up to 3 px
+            if seen is not None:
+                total += 1
+                wrong += seen != o.color
+        assert cover.max() <= 1
+    assert total > 60 and wrong / total < 0.08
+
+
+def test_variety_proportions_stay_within_each_shape():
+    from vlmkit.data import scene_variety
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        star = np.array(scene_variety.polygon("star", rng))
+        radii = np.hypot(star[:, 0], star[:, 1] - 0.05)
+        assert len(star) in (10, 12) and radii[::2].min() > 0.99 and 0.29 < radii[1::2].max() < 0.56
+        cross = np.array(scene_variety.polygon("cross", rng))
+        assert 0.18 <= cross[1, 0] <= 0.42                                   # arm half-width
+        diamond = np.array(scene_variety.polygon("diamond", rng))
+        assert 0.45 <= diamond[1, 0] <= 0.8 and diamond[0, 1] == -1.0
+        square = np.array(scene_variety.polygon("square", rng))
+        assert np.abs(square).max() <= 0.78 + 1e-9 and len(square) in (4, 24)
+    assert scene_variety.polygon("circle", rng) is None

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from vlmkit.data import scene_variety
 from vlmkit.errors import InputError
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "diamond", "hexagon")
@@ -123,11 +124,17 @@ def _sample_names(rng: np.random.Generator, n: int) -> list[str]:
     return out
 
 
-def _polygon(shape: str, rng: np.random.Generator) -> list[tuple[float, float]] | None:
-    """Unit polygon (radius ~1, centred at 0) for ``shape``; None for the circle (drawn as an ellipse)."""
+def _polygon(shape: str, rng: np.random.Generator, vr: np.random.Generator | None = None
+             ) -> list[tuple[float, float]] | None:
+    """Unit polygon (radius ~1, centred at 0) for ``shape``; None for the circle (drawn as an ellipse). ``vr``: the
+    variety stream (:mod:`vlmkit.data.scene_variety` proportions), None for the default drawing."""
+    if shape not in SHAPES:
+        raise InputError(f"unknown shape {shape!r}; expected one of {SHAPES}")
     if shape == "circle":
         return None
-    if shape == "square":
+    if vr is not None:
+        pts = scene_variety.polygon(shape, vr)
+    elif shape == "square":
         pts = [(-0.78, -0.78), (0.78, -0.78), (0.78, 0.78), (-0.78, 0.78)]
     elif shape == "triangle":
         pts = [(math.cos(a), math.sin(a) + 0.15) for a in np.deg2rad([-90, 30, 150])]
@@ -145,22 +152,21 @@ def _polygon(shape: str, rng: np.random.Generator) -> list[tuple[float, float]] 
         pts = list(zip(xs / 17.0, (ys + 2.5) / 17.0))
     elif shape == "diamond":
         pts = [(0, -1.0), (0.62, 0), (0, 1.0), (-0.62, 0)]
-    elif shape == "hexagon":
-        pts = [(math.cos(a), math.sin(a)) for a in np.deg2rad(np.arange(6) * 60)]
     else:
-        raise InputError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+        pts = [(math.cos(a), math.sin(a)) for a in np.deg2rad(np.arange(6) * 60)]
     rot = np.deg2rad(rng.uniform(-_MAX_ROT[shape], _MAX_ROT[shape]))
     c, s = math.cos(rot), math.sin(rot)
     return [(x * c - y * s, x * s + y * c) for x, y in pts]
 
 
-def _shape_alpha(shape: str, side: int, aa: bool, rng: np.random.Generator) -> np.ndarray:
+def _shape_alpha(shape: str, side: int, aa: bool, rng: np.random.Generator,
+                 vr: np.random.Generator | None = None) -> np.ndarray:
     """Coverage in [0, 1], float [side, side], of ``shape`` drawn to fill a side x side square."""
     ss = 4 if aa else 1
     big = side * ss
     im = Image.new("L", (big, big), 0)
     d = ImageDraw.Draw(im)
-    poly = _polygon(shape, rng)
+    poly = _polygon(shape, rng, vr)
     half = big / 2.0
     if poly is None:
         e = rng.uniform(0.85, 1.0)
@@ -178,9 +184,12 @@ def _jitter(rgb, rng: np.random.Generator, amount: float = 14.0) -> np.ndarray:
     return np.clip(col, 0, 255)
 
 
-def _fill(color: str, side: int, rng: np.random.Generator, alpha: np.ndarray, style: str) -> np.ndarray:
+def _fill(color: str, side: int, rng: np.random.Generator, alpha: np.ndarray, style: str,
+          vr: np.random.Generator | None = None) -> np.ndarray:
     """RGB float [side, side, 3] paint for one object: solid, textured (stripes/dots/noise) and/or outlined."""
     base = _jitter(RGB[color], rng)
+    if vr is not None:
+        base = scene_variety.jitter(RGB[color], vr)
     paint = np.broadcast_to(base, (side, side, 3)).copy()
     kind = rng.choice(["solid", "stripes", "dots", "noise"], p=[0.55, 0.15, 0.1, 0.2] if style != "plain"
                       else [0.85, 0.05, 0.05, 0.05])
@@ -204,6 +213,8 @@ def _fill(color: str, side: int, rng: np.random.Generator, alpha: np.ndarray, st
         if edge.sum() <= 0.35 * (alpha > 0.5).sum():  # the outline must never dominate the fill colour
             dark = {"black": np.array([95, 95, 95.0]), "white": np.array([150, 150, 150.0])}.get(color, base * 0.55)
             paint[edge] = dark
+    if vr is not None:
+        scene_variety.outline(paint, alpha, color, base, vr)
     return np.clip(paint, 0, 255)
 
 
@@ -258,12 +269,14 @@ def _resolve_size(size, rng: np.random.Generator) -> tuple[int, int]:
 
 
 def generate_scene(seed: int, *, size: int | tuple[int, int] | None = None, n_objects: int | None = None,
-                   style: str | None = None, min_object_px: int | None = None) -> Scene:
+                   style: str | None = None, min_object_px: int | None = None, variety: bool = False) -> Scene:
     """Render the scene for ``seed`` (same arguments -> identical pixels and annotations).
 
     ``size`` is an int (square) or (width, height); None draws 96..512 px. ``n_objects`` 1..8 (None: drawn, more
     for "cluttered"). ``style`` one of :data:`STYLES` (None: drawn from the prior). ``min_object_px`` is the
-    smallest object side in px (default ~12% of the short side, ~7% for cluttered scenes).
+    smallest object side in px (default ~12% of the short side, ~7% for cluttered scenes). ``variety`` adds the
+    drawing variety of :mod:`vlmkit.data.scene_variety` (its own random stream: the same seed without it gives
+    the default scene, unchanged).
     """
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed={seed!r}: expected a non-negative int")
@@ -286,6 +299,10 @@ def generate_scene(seed: int, *, size: int | tuple[int, int] | None = None, n_ob
         raise InputError(f"min_object_px={min_object_px!r} too large for a {w}x{h} image")
     aa = bool(rng.random() < 0.7)
     canvas = _background(w, h, style, rng)
+    vr = np.random.default_rng([int(seed), 4243]) if variety else None
+    if vr is not None and style != "cluttered":
+        bg = scene_variety.background(w, h, vr)
+        canvas = canvas if bg is None else bg
     full_masks: list[np.ndarray] = []
     placed: list[tuple[str, str]] = []
     for name in _sample_names(rng, n_objects):
@@ -293,7 +310,7 @@ def generate_scene(seed: int, *, size: int | tuple[int, int] | None = None, n_ob
         for _attempt in range(40):
             side = int(rng.integers(lo, hi + 1))
             x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-            alpha = _shape_alpha(shape, side, aa, rng)
+            alpha = _shape_alpha(shape, side, aa, rng, vr)
             full = np.zeros((h, w), bool)
             full[y0:y0 + side, x0:x0 + side] = alpha >= 0.5
             if full.sum() < max(12, lo * lo * 0.25):
@@ -304,7 +321,9 @@ def generate_scene(seed: int, *, size: int | tuple[int, int] | None = None, n_ob
                 break
         else:
             continue
-        paint = _fill(color, side, rng, alpha, style)
+        paint = _fill(color, side, rng, alpha, style, vr)
+        if vr is not None:
+            scene_variety.shadow(canvas, alpha, x0, y0, vr)
         region = canvas[y0:y0 + side, x0:x0 + side]
         region[:] = region * (1 - alpha[..., None]) + paint * alpha[..., None]
         full_masks.append(full)
@@ -317,7 +336,8 @@ def generate_scene(seed: int, *, size: int | tuple[int, int] | None = None, n_ob
         box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         objects.append(SceneObject(shape=shape, color=color, box=box, mask=mask))
     image = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), "RGB")
-    return Scene(image=image, objects=objects, seed=int(seed), style=style, meta={"antialiased": aa})
+    return Scene(image=image, objects=objects, seed=int(seed), style=style,
+                 meta={"antialiased": aa, **({"variety": True} if variety else {})})
 
 
 def _visible(full_masks: list[np.ndarray]) -> list[np.ndarray]:

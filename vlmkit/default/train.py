@@ -4,15 +4,19 @@ Stage A (:data:`STEPS` [0] steps, or 25% of a time budget): dense per-patch pre-
 alone. Linear heads on each of the 64 patch features of the last layer predict the colour (8 + background) and shape
 (8 + background) of the object covering the patch (>= 25% of the cell; cells covered 6-25% are ignored, except that
 every object labels its own best-covered cell, so objects smaller than a cell are learnt too) and whether the patch
-holds an object's centre. Random horizontal flips.
+holds an object's centre; the colour and shape losses are added once more over object cells alone
+(:data:`OBJECT_WEIGHT`, :func:`stage_a_loss`: background cells dominate, and without it small objects' shapes were
+learnt slowly). Random horizontal flips.
 
 Stage B (the rest): the tower is frozen (its features are cached); projector + language model learn every skill from
 1-3 turn conversations (loss on the answer tokens), plus an auxiliary attention loss: at the row that predicts each
 answer's first token, the head-mean attention of language-model layers :data:`ATTN_LAYERS` over the 64 image tokens
 should fall on the patches of the objects the question is about (``-log`` of the fraction that does), weight
 :data:`ATTN_WEIGHT`; for an absent object, on its near misses (objects sharing its colour or shape,
-:func:`attention_targets`). ``answer_loss`` chooses how answer tokens are averaged. Questions without such objects
-(absent objects with no near miss, list, describe) get no attention loss.
+:func:`attention_targets`). A list answer gets the same loss at the row before each name, onto the objects of that
+name (:func:`list_targets`). ``answer_loss`` chooses how answer tokens are averaged. Questions without such objects
+(absent objects with no near miss, describe) get no attention loss. The language model runs SDPA; the probabilities
+the loss needs are recomputed exactly for those rows only (:mod:`vlmkit.default.row_attention`).
 
 Curriculum: most generated objects are small once a scene is resized to 96 px (median ~0.6 of a token cell), and on
 such scenes the language model does not discover which image tokens a question is about. So stage B starts on "easy"
@@ -20,8 +24,9 @@ scenes only (:func:`is_easy`: at most 3 objects, each covering at least one toke
 the chance of drawing an easy scene is 1 for the first :data:`CURRICULUM` [0] of the steps and falls linearly to 0
 (uniform sampling over all scenes) at :data:`CURRICULUM` [1].
 
-Data: scenes of the seeds ``TRAIN_SEED0 + i``; evaluation uses :data:`vlmkit.default.evaluate.EVAL_SEED0` onwards,
-never used here. Checkpoints every two minutes under ``runs/`` make the run resumable (``--resume``).
+Data: scenes of the seeds ``TRAIN_SEED0 + i``, 96-512 px like the evaluation's, a share :data:`VARIETY` of them
+drawn with ``generate_scene(..., variety=True)`` (other proportions, outlines, shadows, backgrounds); evaluation
+uses :data:`vlmkit.default.evaluate.EVAL_SEED0` onwards, never used here. Checkpoints every two minutes under ``runs/`` make the run resumable (``--resume``).
 """
 from __future__ import annotations
 
@@ -53,8 +58,9 @@ N_SCENES = 48000              # training scenes (CLI default)
 CURRICULUM = (0.3, 0.6)
 MIN_LABEL_COVER = 0.03        # stage A: an object covering this much of its best cell labels that cell
 OBJECT_WEIGHT = 1.0           # stage A: extra weight of the loss on object cells (stage_a_loss)
-STEPS = (10000, 18000)         # the shipped run's stage A / stage B optimiser steps (CLI default)
+STEPS = (12000, 18000)         # the shipped run's stage A / stage B optimiser steps (CLI default)
 PRECISION = "fp32"             # "bf16": matmuls of both stages under bf16 autocast (master weights stay fp32)
+VARIETY = 0.5                  # share of training scenes drawn with generate_scene(..., variety=True)
 TRAIN_MAX_WIDTH = 512          # training scenes are 96..TRAIN_MAX_WIDTH px wide (the generator's own range)
 
 
@@ -83,9 +89,10 @@ def _scene_size(rng: np.random.Generator, smoke: bool) -> tuple[int, int]:
 
 def _render(args):
     """One training scene -> (uint8 pixel array [3, S, S], colour / shape / centre labels [64], Record)."""
-    seed, smoke, ip = args
+    seed, smoke, ip, variety = args
     rng = np.random.default_rng([seed, 1])
-    sc = generate_scene(seed, size=_scene_size(rng, smoke))
+    size = _scene_size(rng, smoke)
+    sc = generate_scene(seed, size=size, variety=bool(variety and rng.random() < variety))
     w, h = sc.image.size
     x = ip(images=sc.image, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0]
     cov = np.stack([patch_coverage(o.mask) for o in sc.objects]).astype(np.float32)
@@ -113,7 +120,7 @@ def _render(args):
 
 
 def build_pool(n: int, processor, *, smoke: bool = False, seed0: int = TRAIN_SEED0, desc: str = "scenes",
-               workers: int | None = None):
+               workers: int | None = None, variety: float = 0.0):
     """Render ``n`` training scenes (in ``workers`` processes; the result does not depend on how many). Returns
     (pixels uint8 [n, 3, S, S] after pad + resize, colour / shape / centre labels int64 [n, 64] (-100 = ambiguous
     cell), records)."""
@@ -121,7 +128,7 @@ def build_pool(n: int, processor, *, smoke: bool = False, seed0: int = TRAIN_SEE
     import os
 
     workers = workers or (min(8, os.cpu_count() or 1) if n >= 500 else 1)  # spawning costs ~10 s
-    jobs = [(seed0 + i, smoke, processor.image_processor) for i in range(n)]
+    jobs = [(seed0 + i, smoke, processor.image_processor, variety) for i in range(n)]
     if workers > 1:
         with mp.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             out = list(tqdm(pool.imap(_render, jobs, chunksize=32), total=n, desc=desc, mininterval=5))
@@ -297,7 +304,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
           n_scenes: int | None = None, eval_images: int | None = None, seed: int = 0,
           steps_a: int | None = None, steps_b: int | None = None, answer_loss: str = "token",
           curriculum: tuple[float, float] = CURRICULUM, group_by_length: int = 1, precision: str = PRECISION,
-          log=print) -> dict:
+          variety: float = VARIETY, log=print) -> dict:
     """Train from scratch (or resume), save the model + processor into ``out_dir``, evaluate, write metrics.json.
 
     The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
@@ -306,9 +313,13 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     counts once: the shipped recipe) or "answer" (every answer counts once, so a yes/no answer weighs as much as a
     description). ``curriculum``: (hold, end) of the easy-scene schedule, see :func:`p_easy`. ``group_by_length``:
     stage-B batches drawn together and grouped by length (:func:`draw_batches`; 1 = the shipped recipe).
+    ``precision``: "bf16" runs both stages' matmuls under bf16 autocast (``bench/stage_b_step.py``). ``variety``: the
+    share of training scenes drawn with the generator's extra drawing variety.
     """
     if group_by_length < 1:
         raise ValueError(f"group_by_length={group_by_length}: use 1 (no grouping) or more")
+    if not 0.0 <= variety <= 1.0:
+        raise ValueError(f"variety={variety!r}: the share of varied training scenes is within 0..1")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={precision!r}: use 'fp32' or 'bf16'")
     if answer_loss not in ("token", "answer"):
@@ -337,11 +348,11 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         state = ck["state"]
         log(f"resumed from {ckpt_path}: stage {state['stage']} step {state['step']} ({state['elapsed']:.0f}s)")
     model.to(dev), heads.to(dev)
-    pool_path = run / f"pool_{n}{'_smoke' if smoke else ''}.pt"
+    pool_path = run / f"pool_{n}{'_smoke' if smoke else ''}{f'_variety{variety:g}' if variety else ''}.pt"
     if pool_path.exists():
         pix, col, shp, cen, recs = torch.load(pool_path, map_location="cpu", weights_only=False)
     else:
-        pix, col, shp, cen, recs = build_pool(n, processor, smoke=smoke)
+        pix, col, shp, cen, recs = build_pool(n, processor, smoke=smoke, variety=variety)
         _save_ckpt(pool_path, (pix, col, shp, cen, recs))
     log(f"pool: {n} scenes in {time.time() - t_start:.0f}s")
     tower = model.model.vision_tower
@@ -467,6 +478,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                   "stage_b_minutes": round(state["elapsed"] / 60, 2),
                   "attn_layers": list(ATTN_LAYERS), "curriculum": list(curriculum), "attn_weight": ATTN_WEIGHT,
                   "answer_loss": answer_loss, "group_by_length": group_by_length, "precision": precision,
+                  "variety": variety,
                   "device": str(dev),
                   "wall_s_train": round(time.time() - t_start, 1)}
     metrics = evaluate(out, n_images=eval_images or (24 if smoke else 200), log=log)
