@@ -249,7 +249,8 @@ def render_sketch(seed: int):
         ang = rng.uniform(0, 2 * math.pi)
         ramp = ((xx - cx) * math.cos(ang) + (yy - cy) * math.sin(ang)) / side           # about -0.5..0.5 inside
         shade = 1.0 + rng.uniform(0.1, 0.3) * np.clip(ramp, -0.6, 0.6) * (-1 if color == "white" else 1)
-        paint = np.clip(fill * shade[..., None] + (25 * np.clip(ramp, 0, 0.6)[..., None] if color == "black" else 0), 0, 255)
+        lift = 25 * np.clip(ramp, 0, 0.6)[..., None] if color == "black" else 0.0   # black shades towards grey
+        paint = np.clip(fill * shade[..., None] + lift, 0, 255)
         soft = np.asarray(m.filter(ImageFilter.GaussianBlur(0.7)), np.float32)[..., None] / 255.0
         canvas = canvas * (1 - soft) + paint * soft
         masks = [v & ~full for v in masks] + [full]

@@ -26,7 +26,8 @@ the chance of drawing an easy scene is 1 for the first :data:`CURRICULUM` [0] of
 
 Data: scenes of the seeds ``TRAIN_SEED0 + i``, 96-512 px like the evaluation's, a share :data:`VARIETY` of them
 drawn with ``generate_scene(..., variety=True)`` (other proportions, outlines, shadows, backgrounds); evaluation
-uses :data:`vlmkit.default.evaluate.EVAL_SEED0` onwards, never used here. Checkpoints every two minutes under ``runs/`` make the run resumable (``--resume``).
+uses :data:`vlmkit.default.evaluate.EVAL_SEED0` onwards, never used here. Checkpoints every two minutes under
+``runs/`` make the run resumable (``--resume``).
 """
 from __future__ import annotations
 
@@ -208,7 +209,7 @@ def list_targets(answer: str, tokens: Tokens, record: Record) -> list[tuple[int,
     """For a list answer ("red circle, blue star"): (index of each name's first token in the answer's tokens, the
     objects of that name). The row that predicts a name's first token is where the model picks the next object."""
     out, start = [], 0
-    for k, name in enumerate(answer.split(", ")):
+    for name in answer.split(", "):
         objs = [i for i, o in enumerate(record.objects) if f"{o.color} {o.shape}" == name]
         if objs:
             out.append((start, objs))
@@ -473,8 +474,9 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     model.set_attn_implementation("sdpa")
     model.to("cpu").save_pretrained(out)
     processor.save_pretrained(out)
-    train_info = {"minutes_budget": minutes, "smoke": smoke, "n_train_scenes": n, "train_seeds": [TRAIN_SEED0,
-                  TRAIN_SEED0 + n - 1], "stage_a": state.get("stage_a"), "stage_a_steps": state.get("steps_a"), "stage_b_steps": state["step"],
+    train_info = {"minutes_budget": minutes, "smoke": smoke, "n_train_scenes": n,
+                  "train_seeds": [TRAIN_SEED0, TRAIN_SEED0 + n - 1], "stage_a": state.get("stage_a"),
+                  "stage_a_steps": state.get("steps_a"), "stage_b_steps": state["step"],
                   "stage_b_minutes": round(state["elapsed"] / 60, 2),
                   "attn_layers": list(ATTN_LAYERS), "curriculum": list(curriculum), "attn_weight": ATTN_WEIGHT,
                   "answer_loss": answer_loss, "group_by_length": group_by_length, "precision": precision,
