@@ -3,6 +3,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from vlmkit.data.scenes import generate_scene
 from vlmkit.default import CHECKPOINT_DIR
@@ -157,6 +159,43 @@ def test_smoke_recipe_trains_saves_resumes_and_evaluates(tmp_path):
     m2 = train(tmp_path / "model2", minutes=0.08, smoke=True, resume=True, run_dir=tmp_path / "run", n_scenes=24,
                eval_images=4, log=lambda *_: None)
     assert m2["training"]["stage_b_steps"] >= m["training"]["stage_b_steps"]
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one CPU thread (at 2 threads stage B's float sums are not bit-reproducible), then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, one_thread):
+    """A run stopped in stage A and again in stage B, then resumed, writes the same weights as one that never stopped
+    (checkpoints carry the data-draw state as well as the optimiser's)."""
+    import vlmkit.default.train as tr
+
+    kw = dict(smoke=True, n_scenes=24, eval_images=4, steps_a=6, steps_b=10, log=lambda *_: None)
+    tr.train(tmp_path / "whole", run_dir=tmp_path / "run_whole", **kw)
+
+    save, stops = tr._save_ckpt, [("A", 3), ("B", 4)]
+
+    def save_then_stop(path, state):
+        save(path, state)
+        if isinstance(state, dict) and stops and (state["state"]["stage"], state["state"]["step"]) == stops[0]:
+            stops.pop(0)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(tr, "_save_ckpt", save_then_stop)
+    monkeypatch.setattr(tr, "CKPT_EVERY_S", -1.0)          # a checkpoint after every step
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            tr.train(tmp_path / "parts", run_dir=tmp_path / "run_parts", resume=True, **kw)
+    m = tr.train(tmp_path / "parts", run_dir=tmp_path / "run_parts", resume=True, **kw)
+    assert not stops and m["training"]["stage_b_steps"] == 10
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    parts = load_file(str(tmp_path / "parts" / "model.safetensors"))
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
 
 
 def test_draw_batches_groups_by_length_without_changing_the_draw():

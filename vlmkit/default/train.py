@@ -27,7 +27,8 @@ the chance of drawing an easy scene is 1 for the first :data:`CURRICULUM` [0] of
 Data: scenes of the seeds ``TRAIN_SEED0 + i``, 96-512 px like the evaluation's, a share :data:`VARIETY` of them
 drawn with ``generate_scene(..., variety=True)`` (other proportions, outlines, shadows, backgrounds); evaluation
 uses :data:`vlmkit.default.evaluate.EVAL_SEED0` onwards, never used here. Checkpoints every two minutes under
-``runs/`` make the run resumable (``--resume``).
+``runs/`` make the run resumable (``--resume``); they hold the optimiser and data-draw states, so a resumed run draws the
+same batches as an uninterrupted one (same thread count: the same weights).
 """
 from __future__ import annotations
 
@@ -295,6 +296,15 @@ def _bar(desc: str, steps: int | None, budget_s: float, state: dict):
     return tqdm(total=int(budget_s), desc=desc, unit="s", initial=int(state["elapsed"]))
 
 
+def _load_pool(path: Path) -> tuple:
+    """A cached scene pool, loaded with ``weights_only=True`` (only the record classes and numpy arrays allowed)."""
+    from numpy._core.multiarray import _reconstruct
+
+    allowed = [Obj, Record, np.ndarray, np.dtype, _reconstruct] + [type(np.dtype(t)) for t in "efdlibB?"]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _save_ckpt(path: Path, state: dict):
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -342,7 +352,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     budget_a, budget_b = STAGE_A_SHARE * budget, (1 - STAGE_A_SHARE) * budget
     heads = torch.nn.ModuleDict({"color": torch.nn.Linear(128, 9), "shape": torch.nn.Linear(128, 9),
                                  "center": torch.nn.Linear(128, 1)})
-    state = {"stage": "A", "elapsed": 0.0, "step": 0}
+    state, ck = {"stage": "A", "elapsed": 0.0, "step": 0}, None      # ck: the checkpoint resumed from, if any
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ck["model"]), heads.load_state_dict(ck["heads"])
@@ -351,7 +361,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     model.to(dev), heads.to(dev)
     pool_path = run / f"pool_{n}{'_smoke' if smoke else ''}{f'_variety{variety:g}' if variety else ''}.pt"
     if pool_path.exists():
-        pix, col, shp, cen, recs = torch.load(pool_path, map_location="cpu", weights_only=False)
+        pix, col, shp, cen, recs = _load_pool(pool_path)
     else:
         pix, col, shp, cen, recs = build_pool(n, processor, smoke=smoke, variety=variety)
         _save_ckpt(pool_path, (pix, col, shp, cen, recs))
@@ -361,10 +371,12 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     if state["stage"] == "A":
         params = list(tower.parameters()) + list(heads.parameters())
         opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
-        if resume and ckpt_path.exists() and "opt" in ck and ck["state"]["stage"] == "A":
+        if ck is not None and "opt" in ck and ck["state"]["stage"] == "A":
             opt.load_state_dict(ck["opt"])
         bar = _bar("stage A (vision tower)", steps_a, budget_a, state)
         t0, last_ck, g = time.time() - state["elapsed"], time.time(), torch.Generator().manual_seed(seed + state["step"])
+        if ck is not None and "rng" in ck and ck["state"]["stage"] == "A":
+            g.set_state(ck["rng"])          # the same batches as an uninterrupted run
         while (state["step"] < steps_a) if steps_a else (time.time() - t0 < budget_a):
             frac = state["step"] / steps_a if steps_a else (time.time() - t0) / budget_a
             for grp in opt.param_groups:
@@ -391,7 +403,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
             if time.time() - last_ck > CKPT_EVERY_S:
                 state["elapsed"] = time.time() - t0
                 _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(),
-                                       "opt": opt.state_dict(), "state": dict(state)})
+                                       "opt": opt.state_dict(), "state": dict(state), "rng": g.get_state()})
                 last_ck = time.time()
         bar.close()
         acc = _patch_accuracy(tower, heads, pix, col, shp, processor, dev, k=64 if smoke else 512, smoke=smoke)
@@ -409,10 +421,12 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     params = [p for nm, p in model.named_parameters() if "vision_tower" not in nm]
     opt = torch.optim.AdamW(params, lr=1.5e-3, weight_decay=0.01)
     fresh_from = state["step"]          # a new optimiser mid-stage (no saved state) warms up over 50 steps
-    if resume and ckpt_path.exists() and "opt" in ck and ck["state"]["stage"] in ("B", "done") and state["step"] > 0:
+    if ck is not None and "opt" in ck and ck["state"]["stage"] in ("B", "done") and state["step"] > 0:
         opt.load_state_dict(ck["opt"])
-        fresh_from = -10**9
+        fresh_from = 0                  # its warm-up, if any, continues from the start of stage B
     rng = np.random.default_rng([seed, 99, state["step"]])
+    if ck is not None and "rng" in ck and ck["state"]["stage"] in ("B", "done"):
+        rng.bit_generator.state = ck["rng"]     # the same conversations as an uninterrupted run
     easy = np.array([i for i, r in enumerate(recs) if is_easy(r)])
     log(f"curriculum: {len(easy)} easy scenes of {n}")
     bar = _bar("stage B (QA + attention)", steps_b, budget_b, state)
@@ -459,15 +473,15 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         bar.update(0)
         if state["step"] % 50 == 0:
             log(f"B step {state['step']} ce {ce.item():.4f} attn {al.item():.4f} t {time.time() - t0:.0f}s")
-        if time.time() - last_ck > CKPT_EVERY_S:
+        if time.time() - last_ck > CKPT_EVERY_S and not queue:     # between draws: the rng state is all there is
             state["elapsed"] = time.time() - t0
             _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
-                                   "state": dict(state)})
+                                   "state": dict(state), "rng": rng.bit_generator.state})
             last_ck = time.time()
     bar.close()
     state["elapsed"], state["stage"] = time.time() - t0, "done"
     _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
-                           "state": dict(state)})
+                           "state": dict(state), "rng": rng.bit_generator.state})
     # ---------------------------------------------------------------- save + held-out evaluation
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
