@@ -34,12 +34,15 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     if req is not None:
         bi, ri, cols, store = req
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        k = key[bi]                                                           # [Q, H_kv, L, D]
-        if k.shape[1] != query.shape[1]:
-            k = k.repeat_interleave(query.shape[1] // k.shape[1], dim=1)      # [Q, H, L, D]
-        q = query[bi, :, ri]                                                  # [Q, H, D]
+        # index_select, not advanced indexing: its backward (index_add) is deterministic on a multi-threaded CPU,
+        # while the backward of key[bi] (index_put with accumulate) made 2-thread training runs differ in the last bits
+        b, h, lq, d = query.shape
+        k = key.index_select(0, bi)                                           # [Q, H_kv, L, D]
+        if k.shape[1] != h:
+            k = k.repeat_interleave(h // k.shape[1], dim=1)                   # [Q, H, L, D]
+        q = query.transpose(1, 2).reshape(b * lq, h, d).index_select(0, bi * lq + ri)   # [Q, H, D]
         scores = torch.einsum("qhd,qhld->qhl", q.float(), k.float()) * scale  # [Q, H, L]
-        lq, lk = query.shape[2], key.shape[2]
+        lk = key.shape[2]
         ok = allowed_mask(attention_mask, lq, lk, getattr(module, "is_causal", True), query.device)
         ok = ok[bi if ok.shape[0] > 1 else torch.zeros_like(bi), 0, ri]       # [Q, L]
         probs = scores.masked_fill(~ok[:, None], float("-inf")).softmax(-1)  # [Q, H, L]
