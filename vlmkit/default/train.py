@@ -358,6 +358,11 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         model.load_state_dict(ck["model"]), heads.load_state_dict(ck["heads"])
         state = ck["state"]
         log(f"resumed from {ckpt_path}: stage {state['stage']} step {state['step']} ({state['elapsed']:.0f}s)")
+    resumed_in = ck["state"]["stage"] if ck is not None else None        # "A", "B" or "done"
+
+    def checkpoint(**extra):
+        """Write the resume state: weights, heads and progress, plus the stage's ``opt`` / ``rng`` states if given."""
+        _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "state": dict(state), **extra})
     model.to(dev), heads.to(dev)
     pool_path = run / f"pool_{n}{'_smoke' if smoke else ''}{f'_variety{variety:g}' if variety else ''}.pt"
     if pool_path.exists():
@@ -371,11 +376,11 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     if state["stage"] == "A":
         params = list(tower.parameters()) + list(heads.parameters())
         opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
-        if ck is not None and "opt" in ck and ck["state"]["stage"] == "A":
+        if resumed_in == "A" and "opt" in ck:
             opt.load_state_dict(ck["opt"])
         bar = _bar("stage A (vision tower)", steps_a, budget_a, state)
         t0, last_ck, g = time.time() - state["elapsed"], time.time(), torch.Generator().manual_seed(seed + state["step"])
-        if ck is not None and "rng" in ck and ck["state"]["stage"] == "A":
+        if resumed_in == "A" and "rng" in ck:
             g.set_state(ck["rng"])          # the same batches as an uninterrupted run
         while (state["step"] < steps_a) if steps_a else (time.time() - t0 < budget_a):
             frac = state["step"] / steps_a if steps_a else (time.time() - t0) / budget_a
@@ -402,14 +407,13 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                 log(f"A step {state['step']} loss {loss.item():.4f} t {time.time() - t0:.0f}s")
             if time.time() - last_ck > CKPT_EVERY_S:
                 state["elapsed"] = time.time() - t0
-                _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(),
-                                       "opt": opt.state_dict(), "state": dict(state), "rng": g.get_state()})
+                checkpoint(opt=opt.state_dict(), rng=g.get_state())
                 last_ck = time.time()
         bar.close()
         acc = _patch_accuracy(tower, heads, pix, col, shp, processor, dev, k=64 if smoke else 512, smoke=smoke)
         state = {"stage": "B", "elapsed": 0.0, "step": 0, "steps_a": state["step"], "stage_a": acc}
         log(f"stage A done: {state['stage_a']}")
-        _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "state": dict(state)})
+        checkpoint()
     # ---------------------------------------------------------------- stage B: QA + attention loss, frozen tower
     tower.requires_grad_(False)
     # SDPA in every layer; the answer rows' image attention of ATTN_LAYERS recomputed exactly (row_attention.py)
@@ -421,11 +425,11 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     params = [p for nm, p in model.named_parameters() if "vision_tower" not in nm]
     opt = torch.optim.AdamW(params, lr=1.5e-3, weight_decay=0.01)
     fresh_from = state["step"]          # a new optimiser mid-stage (no saved state) warms up over 50 steps
-    if ck is not None and "opt" in ck and ck["state"]["stage"] in ("B", "done") and state["step"] > 0:
+    if resumed_in in ("B", "done") and "opt" in ck and state["step"] > 0:
         opt.load_state_dict(ck["opt"])
         fresh_from = 0                  # its warm-up, if any, continues from the start of stage B
     rng = np.random.default_rng([seed, 99, state["step"]])
-    if ck is not None and "rng" in ck and ck["state"]["stage"] in ("B", "done"):
+    if resumed_in in ("B", "done") and "rng" in ck:
         rng.bit_generator.state = ck["rng"]     # the same conversations as an uninterrupted run
     easy = np.array([i for i, r in enumerate(recs) if is_easy(r)])
     log(f"curriculum: {len(easy)} easy scenes of {n}")
@@ -475,13 +479,11 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
             log(f"B step {state['step']} ce {ce.item():.4f} attn {al.item():.4f} t {time.time() - t0:.0f}s")
         if time.time() - last_ck > CKPT_EVERY_S and not queue:     # between draws: the rng state is all there is
             state["elapsed"] = time.time() - t0
-            _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
-                                   "state": dict(state), "rng": rng.bit_generator.state})
+            checkpoint(opt=opt.state_dict(), rng=rng.bit_generator.state)
             last_ck = time.time()
     bar.close()
     state["elapsed"], state["stage"] = time.time() - t0, "done"
-    _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
-                           "state": dict(state), "rng": rng.bit_generator.state})
+    checkpoint(opt=opt.state_dict(), rng=rng.bit_generator.state)
     # ---------------------------------------------------------------- save + held-out evaluation
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
