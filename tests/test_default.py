@@ -259,6 +259,36 @@ def test_stage_a_labels_every_object_even_below_one_cell():
     assert sum(varied) >= len(varied) - 2                                      # variety = 1: (nearly) all redrawn
 
 
+def test_stage_a_loss_weighs_object_shapes_above_colours_and_background():
+    from vlmkit.default.train import stage_a_loss
+
+    def heads_reading(dims):            # linear heads whose logits are the feature dims ``dims``
+        lin = torch.nn.Linear(128, len(dims), bias=False)
+        with torch.no_grad():
+            lin.weight.zero_()
+            lin.weight[torch.arange(len(dims)), torch.as_tensor(dims)] = 1.0
+        return lin
+
+    heads = torch.nn.ModuleDict({"color": heads_reading(range(9)), "shape": heads_reading(range(9, 18)),
+                                 "center": heads_reading([18])})
+
+    def loss(colour_guess, shape_guess, label, **weights):
+        hs = torch.zeros(1, N_IMAGE_TOKENS, 128)
+        hs[0, :, colour_guess], hs[0, :, 9 + shape_guess] = 8.0, 8.0        # confident guesses in every cell
+        lab = torch.full((1, N_IMAGE_TOKENS), -100)
+        lab[0, 0] = label                                                 # one labelled cell
+        return float(stage_a_loss(heads, hs, lab, lab.clone(), torch.zeros(1, N_IMAGE_TOKENS), **weights))
+
+    right = loss(3, 3, 3)
+    wrong_colour, wrong_shape = loss(4, 3, 3) - right, loss(3, 4, 3) - right      # on an object cell (label 3)
+    background_miss = loss(4, 0, 0) - loss(0, 0, 0)                               # a colour miss on background
+    assert wrong_shape > 1.5 * wrong_colour > 0                # the extra shape weight (SHAPE_WEIGHT)
+    assert wrong_colour > 1.5 * background_miss > 0            # object cells count more than background (OBJECT_WEIGHT)
+    unweighted = {"object_weight": 0.0, "shape_weight": 0.0}
+    assert loss(3, 4, 3, **unweighted) == pytest.approx(loss(4, 3, 3, **unweighted))
+    assert loss(4, 3, 3, **unweighted) - loss(3, 3, 3, **unweighted) == pytest.approx(background_miss)
+
+
 def test_absent_objects_look_at_their_near_misses():
     from vlmkit.default.qa import QA
     from vlmkit.default.train import Obj, Record, Tokens, attention_targets, encode_conversation
