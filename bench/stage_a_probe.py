@@ -101,13 +101,12 @@ def main(argv=None) -> int:
                     help=f"extra loss weight on object cells; repeat to pair with each --shape-weight "
                          f"(default {T.OBJECT_WEIGHT})")
     ap.add_argument("--shape-weight", type=float, action="append",
-                    help=f"extra shape-loss weight on object cells, one setting per flag (default: 0 and "
-                         f"{T.SHAPE_WEIGHT})")
+                    help="extra shape-loss weight on object cells, one setting per flag (default: 0 and 2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    shape_w = args.shape_weight or [0.0, T.SHAPE_WEIGHT]
+    shape_w = args.shape_weight or [0.0, 2.0]
     object_w = args.object_weight or [T.OBJECT_WEIGHT]
     if len(object_w) == 1:
         object_w = object_w * len(shape_w)

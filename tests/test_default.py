@@ -259,7 +259,7 @@ def test_stage_a_labels_every_object_even_below_one_cell():
     assert sum(varied) >= len(varied) - 2                                      # variety = 1: (nearly) all redrawn
 
 
-def test_stage_a_loss_weighs_object_shapes_above_colours_and_background():
+def test_stage_a_loss_weighs_object_cells_above_background_and_shapes_by_shape_weight():
     from vlmkit.default.train import stage_a_loss
 
     def heads_reading(dims):            # linear heads whose logits are the feature dims ``dims``
@@ -279,10 +279,12 @@ def test_stage_a_loss_weighs_object_shapes_above_colours_and_background():
         lab[0, 0] = label                                                 # one labelled cell
         return float(stage_a_loss(heads, hs, lab, lab.clone(), torch.zeros(1, N_IMAGE_TOKENS), **weights))
 
-    right = loss(3, 3, 3)
-    wrong_colour, wrong_shape = loss(4, 3, 3) - right, loss(3, 4, 3) - right      # on an object cell (label 3)
+    right = loss(3, 3, 3, shape_weight=2.0)
+    wrong_colour = loss(4, 3, 3, shape_weight=2.0) - right                          # on an object cell (label 3)
+    wrong_shape = loss(3, 4, 3, shape_weight=2.0) - right
     background_miss = loss(4, 0, 0) - loss(0, 0, 0)                               # a colour miss on background
-    assert wrong_shape > 1.5 * wrong_colour > 0                # the extra shape weight (SHAPE_WEIGHT)
+    assert wrong_shape > 1.5 * wrong_colour > 0                # the extra shape weight (--shape-weight)
+    assert loss(4, 3, 3) - loss(3, 3, 3) == pytest.approx(wrong_colour)           # colours do not depend on it
     assert wrong_colour > 1.5 * background_miss > 0            # object cells count more than background (OBJECT_WEIGHT)
     unweighted = {"object_weight": 0.0, "shape_weight": 0.0}
     assert loss(3, 4, 3, **unweighted) == pytest.approx(loss(4, 3, 3, **unweighted))
@@ -335,7 +337,7 @@ def test_train_default_help_states_the_shipped_recipe():
     import argparse
 
     from vlmkit.default.cli import add_parsers
-    from vlmkit.default.train import N_SCENES, PRECISION, STEPS, VARIETY
+    from vlmkit.default.train import N_SCENES, PRECISION, SHAPE_WEIGHT, STEPS, VARIETY
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_parsers(sub)
@@ -343,6 +345,7 @@ def test_train_default_help_states_the_shipped_recipe():
     assert f"({N_SCENES} scenes, two stages: {STEPS[0]} + {STEPS[1]} steps" in text
     assert f"default {N_SCENES};" in text
     assert f"(default {PRECISION};" in text and f"(default {VARIETY})" in text
+    assert f"(default {SHAPE_WEIGHT};" in text
 
 
 def test_row_attention_equals_eager_attention_on_the_image_columns():

@@ -24,7 +24,7 @@ def _train(args) -> int:
     train(out, minutes=minutes, smoke=args.smoke, resume=args.resume, run_dir=args.run_dir,
           n_scenes=args.scenes, eval_images=args.eval_images, steps_a=steps_a,
           steps_b=steps_b, answer_loss=args.answer_loss, group_by_length=args.group_by_length,
-          precision=args.precision, variety=args.variety)
+          precision=args.precision, variety=args.variety, shape_weight=args.shape_weight)
     print(f"saved model + metrics.json to {out}")
     return 0
 
@@ -32,7 +32,7 @@ def _train(args) -> int:
 def add_parsers(subparsers) -> None:
     """Register ``train-default`` on an ``argparse`` sub-parsers object."""
     # literal numbers (importing train.py here would load torch for every vlmkit command); a test keeps them in sync
-    N_SCENES, STEPS, PRECISION, VARIETY = 48000, (12000, 18000), "fp32", 0.5
+    N_SCENES, STEPS, PRECISION, VARIETY, SHAPE_WEIGHT = 48000, (12000, 18000), "fp32", 0.5, 0.0
     p = subparsers.add_parser("train-default", help="train the embedded default model from scratch",
                               description="Train the small LLaVA default model on generated scenes "
                                           f"({N_SCENES} scenes, two stages: {STEPS[0]} + {STEPS[1]} steps, or "
@@ -60,6 +60,9 @@ def add_parsers(subparsers) -> None:
                         "bench/stage_b_step.py)")
     p.add_argument("--variety", type=float, default=VARIETY, metavar="SHARE",
                    help=f"share of training scenes drawn with generate_scene(..., variety=True) (default {VARIETY})")
+    p.add_argument("--shape-weight", type=float, default=SHAPE_WEIGHT, metavar="W",
+                   help=f"stage A: extra weight of the shape loss on object cells (default {SHAPE_WEIGHT}; "
+                        "bench/stage_a_probe.py)")
     p.set_defaults(func=_train)
 
 

@@ -6,7 +6,8 @@ alone. Linear heads on each of the 64 patch features of the last layer predict t
 every object labels its own best-covered cell, so objects smaller than a cell are learnt too) and whether the patch
 holds an object's centre; the colour and shape losses are added once more over object cells alone
 (:data:`OBJECT_WEIGHT`, :func:`stage_a_loss`: background cells dominate, and without it small objects' shapes were
-learnt slowly), and the shape loss over object cells with :data:`SHAPE_WEIGHT` more. Random horizontal flips.
+learnt slowly), and optionally the shape loss over object cells once more (:data:`SHAPE_WEIGHT`, 0 in the shipped
+recipe: a full run with 2 learnt a better tower but not better answers, see the model card). Random horizontal flips.
 
 Stage B (the rest): the tower is frozen (its features are cached); projector + language model learn every skill from
 1-3 turn conversations (loss on the answer tokens), plus an auxiliary attention loss: at the row that predicts each
@@ -60,7 +61,7 @@ N_SCENES = 48000              # training scenes (CLI default)
 CURRICULUM = (0.3, 0.6)
 MIN_LABEL_COVER = 0.03        # stage A: an object covering this much of its best cell labels that cell
 OBJECT_WEIGHT = 1.0           # stage A: extra weight of the loss on object cells (stage_a_loss)
-SHAPE_WEIGHT = 2.0            # stage A: extra weight of the shape loss on object cells (stage_a_loss)
+SHAPE_WEIGHT = 0.0            # stage A: extra weight of the shape loss on object cells (stage_a_loss; --shape-weight)
 STEPS = (12000, 18000)         # the shipped run's stage A / stage B optimiser steps (CLI default)
 PRECISION = "fp32"             # "bf16": matmuls of both stages under bf16 autocast (master weights stay fp32)
 VARIETY = 0.5                  # share of training scenes drawn with generate_scene(..., variety=True)
@@ -149,7 +150,8 @@ def stage_a_loss(heads, hs: torch.Tensor, col: torch.Tensor, shp: torch.Tensor, 
     Colour + shape cross-entropy over all labelled cells, plus ``object_weight`` x the same over object cells
     only (most cells are background, and without it the shapes of small objects were learnt slowly), plus
     ``shape_weight`` x the shape loss over object cells once more (shape is the harder attribute: colour of
-    objects under half a cell was 0.93 after 3000 steps, shape 0.41), plus 0.5 x the object-centre loss."""
+    objects under half a cell was 0.93 after 3000 steps, shape 0.41; ``bench/stage_a_probe.py``), plus 0.5 x the
+    object-centre loss."""
     lc, ls = heads["color"](hs).flatten(0, 1), heads["shape"](hs).flatten(0, 1)              # [B * 64, 9]
     col, shp = col.flatten(), shp.flatten()
     loss = F.cross_entropy(lc, col, ignore_index=-100) + F.cross_entropy(ls, shp, ignore_index=-100)
@@ -319,7 +321,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
           n_scenes: int | None = None, eval_images: int | None = None, seed: int = 0,
           steps_a: int | None = None, steps_b: int | None = None, answer_loss: str = "token",
           curriculum: tuple[float, float] = CURRICULUM, group_by_length: int = 1, precision: str = PRECISION,
-          variety: float = VARIETY, log=print) -> dict:
+          variety: float = VARIETY, shape_weight: float = SHAPE_WEIGHT, log=print) -> dict:
     """Train from scratch (or resume), save the model + processor into ``out_dir``, evaluate, write metrics.json.
 
     The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
@@ -329,7 +331,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     description). ``curriculum``: (hold, end) of the easy-scene schedule, see :func:`p_easy`. ``group_by_length``:
     stage-B batches drawn together and grouped by length (:func:`draw_batches`; 1 = the shipped recipe).
     ``precision``: "bf16" runs both stages' matmuls under bf16 autocast (``bench/stage_b_step.py``). ``variety``: the
-    share of training scenes drawn with the generator's extra drawing variety.
+    share of training scenes drawn with the generator's extra drawing variety. ``shape_weight``: stage A's extra
+    shape loss on object cells (:func:`stage_a_loss`).
     """
     if group_by_length < 1:
         raise ValueError(f"group_by_length={group_by_length}: use 1 (no grouping) or more")
@@ -398,7 +401,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                 lab[flip] = lab[flip].view(-1, GRID, GRID).flip(-1).reshape(-1, N_IMAGE_TOKENS)
             with amp:
                 hs = tower(normalize(x, processor).to(dev)).last_hidden_state[:, 1:].float()   # [B, 64, 128]
-            loss = stage_a_loss(heads, hs, c.to(dev), s.to(dev), ce.to(dev))
+            loss = stage_a_loss(heads, hs, c.to(dev), s.to(dev), ce.to(dev), shape_weight=shape_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -500,7 +503,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                   "stage_b_minutes": round(state["elapsed"] / 60, 2),
                   "attn_layers": list(ATTN_LAYERS), "curriculum": list(curriculum), "attn_weight": ATTN_WEIGHT,
                   "answer_loss": answer_loss, "group_by_length": group_by_length, "precision": precision,
-                  "variety": variety, "object_weight": OBJECT_WEIGHT, "shape_weight": SHAPE_WEIGHT,
+                  "variety": variety, "object_weight": OBJECT_WEIGHT, "shape_weight": shape_weight,
                   "device": str(dev),
                   "wall_s_train": round(time.time() - t_start, 1)}
     metrics = evaluate(out, n_images=eval_images or (24 if smoke else 200), log=log)
