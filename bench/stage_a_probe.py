@@ -33,7 +33,7 @@ def probe(pool, val, processor, *, steps: int, object_weight: float, shape_weigh
 
     from vlmkit.data.scenes import COLORS, SHAPES
     from vlmkit.default import train as T
-    from vlmkit.default.build import GRID, N_IMAGE_TOKENS, build_model_and_processor
+    from vlmkit.default.build import build_model_and_processor
 
     model, _ = build_model_and_processor(seed)
     model.set_attn_implementation("sdpa")
@@ -49,12 +49,7 @@ def probe(pool, val, processor, *, steps: int, object_weight: float, shape_weigh
     for step in range(steps):
         for grp in opt.param_groups:
             grp["lr"] = T._lr(step / steps, 2e-3)
-        idx = torch.randint(0, len(pix), (T.BATCH_A,), generator=g)
-        x, c, s, ce = pix[idx], col[idx], shp[idx], cen[idx]
-        flip = torch.rand(T.BATCH_A, generator=g) < 0.5
-        x[flip] = x[flip].flip(-1)
-        for lab in (c, s, ce):
-            lab[flip] = lab[flip].view(-1, GRID, GRID).flip(-1).reshape(-1, N_IMAGE_TOKENS)
+        x, c, s, ce = T.stage_a_batch(g, pix, col, shp, cen)                            # the recipe's draw
         hs = tower(T.normalize(x, processor)).last_hidden_state[:, 1:]                    # [B, 64, 128]
         loss = T.stage_a_loss(heads, hs, c, s, ce, object_weight=object_weight, shape_weight=shape_weight)
         opt.zero_grad(set_to_none=True)

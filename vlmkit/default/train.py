@@ -162,6 +162,18 @@ def stage_a_loss(heads, hs: torch.Tensor, col: torch.Tensor, shp: torch.Tensor, 
     return loss + 0.5 * F.binary_cross_entropy_with_logits(heads["center"](hs).squeeze(-1), cen.float())
 
 
+def stage_a_batch(g: torch.Generator, pix, col, shp, cen) -> tuple:
+    """A stage-A batch of :data:`BATCH_A` pool scenes drawn with ``g``, half flipped left-right with their labels:
+    pixels uint8 [B, 3, S, S], colour / shape / centre labels [B, 64]."""
+    idx = torch.randint(0, len(pix), (BATCH_A,), generator=g)
+    x, c, s, ce = pix[idx], col[idx], shp[idx], cen[idx]
+    flip = torch.rand(BATCH_A, generator=g) < 0.5
+    x[flip] = x[flip].flip(-1)
+    for lab in (c, s, ce):
+        lab[flip] = lab[flip].view(-1, GRID, GRID).flip(-1).reshape(-1, N_IMAGE_TOKENS)
+    return x, c, s, ce
+
+
 def is_easy(record: Record) -> bool:
     """At most 3 objects, each covering at least one of the 64 token cells."""
     return len(record.objects) <= 3 and float(record.coverage.astype(np.float32).sum(1).min()) >= 1.0
@@ -393,12 +405,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
             frac = state["step"] / steps_a if steps_a else (time.time() - t0) / budget_a
             for grp in opt.param_groups:
                 grp["lr"] = _lr(frac, 2e-3)
-            idx = torch.randint(0, n, (BATCH_A,), generator=g)
-            x, c, s, ce = pix[idx], col[idx], shp[idx], cen[idx]
-            flip = torch.rand(BATCH_A, generator=g) < 0.5
-            x[flip] = x[flip].flip(-1)
-            for lab in (c, s, ce):
-                lab[flip] = lab[flip].view(-1, GRID, GRID).flip(-1).reshape(-1, N_IMAGE_TOKENS)
+            x, c, s, ce = stage_a_batch(g, pix, col, shp, cen)
             with amp:
                 hs = tower(normalize(x, processor).to(dev)).last_hidden_state[:, 1:].float()   # [B, 64, 128]
             loss = stage_a_loss(heads, hs, c.to(dev), s.to(dev), ce.to(dev), shape_weight=shape_weight)
