@@ -232,6 +232,15 @@ def test_curriculum_starts_on_easy_scenes_and_ends_uniform():
     assert is_easy(rec([1.0, 4.0]))
     assert not is_easy(rec([0.5, 4.0]))                 # one object smaller than a token cell
     assert not is_easy(rec([2.0, 2.0, 2.0, 2.0]))       # more than three objects
+    assert p_easy(0.2, (0.1, 0.35)) == pytest.approx(0.6)  # a schedule given by --curriculum
+
+
+@pytest.mark.parametrize("schedule", [(0.6, 0.3), (0.3, 0.3), (-0.1, 0.5), (0.2, 1.5)])
+def test_train_rejects_a_curriculum_that_is_not_hold_before_end(tmp_path, schedule):
+    from vlmkit.default.train import train
+
+    with pytest.raises(ValueError, match="curriculum"):
+        train(tmp_path / "m", smoke=True, run_dir=tmp_path / "run", curriculum=schedule)
 
 
 def test_stage_a_labels_every_object_even_below_one_cell():
@@ -337,7 +346,7 @@ def test_train_default_help_states_the_shipped_recipe():
     import argparse
 
     from vlmkit.default.cli import add_parsers
-    from vlmkit.default.train import N_SCENES, PRECISION, SHAPE_WEIGHT, STEPS, VARIETY
+    from vlmkit.default.train import CURRICULUM, N_SCENES, PRECISION, SHAPE_WEIGHT, STEPS, VARIETY
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_parsers(sub)
@@ -346,6 +355,9 @@ def test_train_default_help_states_the_shipped_recipe():
     assert f"default {N_SCENES};" in text
     assert f"(default {PRECISION};" in text and f"(default {VARIETY})" in text
     assert f"(default {SHAPE_WEIGHT};" in text
+    assert f"(fractions; default {CURRICULUM[0]} {CURRICULUM[1]})" in text
+    args = sub.choices["train-default"].parse_args(["--curriculum", "0.1", "0.35"])
+    assert args.curriculum == [0.1, 0.35]
 
 
 def test_row_attention_equals_eager_attention_on_the_image_columns():

@@ -24,7 +24,8 @@ def _train(args) -> int:
     train(out, minutes=minutes, smoke=args.smoke, resume=args.resume, run_dir=args.run_dir,
           n_scenes=args.scenes, eval_images=args.eval_images, steps_a=steps_a,
           steps_b=steps_b, answer_loss=args.answer_loss, group_by_length=args.group_by_length,
-          precision=args.precision, variety=args.variety, shape_weight=args.shape_weight)
+          precision=args.precision, variety=args.variety, shape_weight=args.shape_weight,
+          curriculum=tuple(args.curriculum))
     print(f"saved model + metrics.json to {out}")
     return 0
 
@@ -33,6 +34,7 @@ def add_parsers(subparsers) -> None:
     """Register ``train-default`` on an ``argparse`` sub-parsers object."""
     # literal numbers (importing train.py here would load torch for every vlmkit command); a test keeps them in sync
     N_SCENES, STEPS, PRECISION, VARIETY, SHAPE_WEIGHT = 48000, (12000, 18000), "fp32", 0.5, 0.0
+    CURRICULUM = (0.3, 0.6)
     p = subparsers.add_parser("train-default", help="train the embedded default model from scratch",
                               description="Train the small LLaVA default model on generated scenes "
                                           f"({N_SCENES} scenes, two stages: {STEPS[0]} + {STEPS[1]} steps, or "
@@ -63,6 +65,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--shape-weight", type=float, default=SHAPE_WEIGHT, metavar="W",
                    help=f"stage A: extra weight of the shape loss on object cells (default {SHAPE_WEIGHT}; "
                         "bench/stage_a_probe.py)")
+    p.add_argument("--curriculum", type=float, nargs=2, default=list(CURRICULUM), metavar=("HOLD", "END"),
+                   help="stage B: draw only easy scenes for the first HOLD of the steps, then fewer and fewer until "
+                        f"END (fractions; default {CURRICULUM[0]} {CURRICULUM[1]})")
     p.set_defaults(func=_train)
 
 

@@ -352,6 +352,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         raise ValueError(f"variety={variety!r}: the share of varied training scenes is within 0..1")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={precision!r}: use 'fp32' or 'bf16'")
+    if not 0.0 <= curriculum[0] < curriculum[1] <= 1.0:
+        raise ValueError(f"curriculum={tuple(curriculum)!r}: (hold, end) with 0 <= hold < end <= 1")
     if answer_loss not in ("token", "answer"):
         raise ValueError(f"answer_loss={answer_loss!r}: use 'token' or 'answer'")
     from vlmkit.default.evaluate import evaluate
