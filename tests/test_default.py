@@ -159,6 +159,9 @@ def test_smoke_recipe_trains_saves_resumes_and_evaluates(tmp_path):
     m2 = train(tmp_path / "model2", minutes=0.08, smoke=True, resume=True, run_dir=tmp_path / "run", n_scenes=24,
                eval_images=4, log=lambda *_: None)
     assert m2["training"]["stage_b_steps"] >= m["training"]["stage_b_steps"]
+    with pytest.raises(ValueError, match=r"other options \(shape_weight: 0.0 there, 2.0 now"):
+        train(tmp_path / "model3", minutes=0.08, smoke=True, resume=True, run_dir=tmp_path / "run", n_scenes=24,
+              shape_weight=2.0, log=lambda *_: None)
 
 
 @pytest.mark.slow

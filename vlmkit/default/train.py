@@ -338,7 +338,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
 
     The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
     of optimiser steps of a stage (then its learning-rate schedule runs over steps, and time does not matter).
-    Resuming a finished run with a larger budget continues stage B. ``answer_loss``: "token" (every answer token
+    Resuming a finished run with a larger budget continues stage B; a resume with other recipe options (scenes,
+    seed, losses, curriculum, grouping, precision, variety) is refused with an error naming them. ``answer_loss``: "token" (every answer token
     counts once: the shipped recipe) or "answer" (every answer counts once, so a yes/no answer weighs as much as a
     description). ``curriculum``: (hold, end) of the easy-scene schedule, see :func:`p_easy`. ``group_by_length``:
     stage-B batches drawn together and grouped by length (:func:`draw_batches`; 1 = the shipped recipe).
@@ -374,8 +375,18 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     heads = torch.nn.ModuleDict({"color": torch.nn.Linear(128, 9), "shape": torch.nn.Linear(128, 9),
                                  "center": torch.nn.Linear(128, 1)})
     state, ck = {"stage": "A", "elapsed": 0.0, "step": 0}, None      # ck: the checkpoint resumed from, if any
+    # options a resumed run must share with the run it continues (budgets may grow, the recipe may not change)
+    recipe = {"n_scenes": n, "seed": seed, "answer_loss": answer_loss, "curriculum": [float(c) for c in curriculum],
+              "group_by_length": group_by_length, "precision": precision, "variety": float(variety),
+              "shape_weight": float(shape_weight)}
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        changed = {k: (ck["recipe"][k], v) for k, v in recipe.items() if k in ck.get("recipe", {})
+                   and ck["recipe"][k] != v}
+        if changed:
+            raise ValueError(f"cannot resume {ckpt_path}: it was trained with other options ("
+                             + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+                             + "); pass the same options or start a new --run-dir")
         model.load_state_dict(ck["model"]), heads.load_state_dict(ck["heads"])
         state = ck["state"]
         log(f"resumed from {ckpt_path}: stage {state['stage']} step {state['step']} ({state['elapsed']:.0f}s)")
@@ -383,7 +394,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
 
     def checkpoint(**extra):
         """Write the resume state: weights, heads and progress, plus the stage's ``opt`` / ``rng`` states if given."""
-        _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "state": dict(state), **extra})
+        _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "state": dict(state),
+                               "recipe": recipe, **extra})
     model.to(dev), heads.to(dev)
     pool_path = run / f"pool_{n}{'_smoke' if smoke else ''}{f'_variety{variety:g}' if variety else ''}.pt"
     if pool_path.exists():
