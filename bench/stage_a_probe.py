@@ -97,6 +97,9 @@ def main(argv=None) -> int:
                          f"(default {T.OBJECT_WEIGHT})")
     ap.add_argument("--shape-weight", type=float, action="append",
                     help="extra shape-loss weight on object cells, one setting per flag (default: 0 and 2)")
+    ap.add_argument("--spread", type=float, default=0.0,
+                    help="training labels: an object also labels every cell holding this share of its area "
+                         "(build_pool's spread; 0 = the shipped labels; validation labels stay the shipped ones)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
         ap.error(f"{len(object_w)} --object-weight values for {len(shape_w)} --shape-weight values: give one, or one "
                  "per --shape-weight")
     _, processor = build_model_and_processor(0)
-    pool = T.build_pool(args.scenes, processor, variety=T.VARIETY, workers=args.threads)
+    pool = T.build_pool(args.scenes, processor, variety=T.VARIETY, workers=args.threads, spread=args.spread)
     val = T.build_pool(args.val, processor, seed0=VAL_SEED0, desc="validation scenes", workers=args.threads)
     results = []
     for ow, sw in zip(object_w, shape_w):

@@ -254,7 +254,7 @@ def test_stage_a_labels_every_object_even_below_one_cell():
     seen_small = 0
     pixels = {}
     for seed, variety in [(s, v) for s in range(TRAIN_SEED0, TRAIN_SEED0 + 12) for v in (0.0, 1.0)]:
-        pixels[seed, variety], col, shp, cen, rec = _render((seed, True, processor.image_processor, variety))
+        pixels[seed, variety], col, shp, cen, rec = _render((seed, True, processor.image_processor, variety, 0.0))
         cov = rec.coverage.astype(np.float32)                                    # [objects, 64]
         assert col.shape == shp.shape == cen.shape == (N_IMAGE_TOKENS,)
         for k, o in enumerate(rec.objects):

@@ -93,7 +93,7 @@ def _scene_size(rng: np.random.Generator, smoke: bool) -> tuple[int, int]:
 
 def _render(args):
     """One training scene -> (uint8 pixel array [3, S, S], colour / shape / centre labels [64], Record)."""
-    seed, smoke, ip, variety = args
+    seed, smoke, ip, variety, spread = args
     rng = np.random.default_rng([seed, 1])
     size = _scene_size(rng, smoke)
     sc = generate_scene(seed, size=size, variety=bool(variety and rng.random() < variety))
@@ -110,6 +110,11 @@ def _render(args):
     own, k = cov.argmax(1), np.arange(len(sc.objects))
     keep = (arg[own] == k) & (cov[k, own] >= MIN_LABEL_COVER)
     c[own[keep]], s[own[keep]] = obj_c[keep], obj_s[keep]
+    if spread:  # also every cell holding >= ``spread`` of an object's area, unless another object covers it more
+        share = cov / np.maximum(cov.sum(1, keepdims=True), 1e-6)                         # [objects, 64]
+        for k in range(len(sc.objects)):
+            cells = (share[k] >= spread) & (arg == k) & (cov[k] >= MIN_LABEL_COVER)
+            c[cells], s[cells] = obj_c[k], obj_s[k]
     side, ox, oy = pad_geometry(w, h)
     ce = np.zeros(N_IMAGE_TOKENS, np.int64)
     objs = []
@@ -124,15 +129,16 @@ def _render(args):
 
 
 def build_pool(n: int, processor, *, smoke: bool = False, seed0: int = TRAIN_SEED0, desc: str = "scenes",
-               workers: int | None = None, variety: float = 0.0):
+               workers: int | None = None, variety: float = 0.0, spread: float = 0.0):
     """Render ``n`` training scenes (in ``workers`` processes; the result does not depend on how many). Returns
     (pixels uint8 [n, 3, S, S] after pad + resize, colour / shape / centre labels int64 [n, 64] (-100 = ambiguous
-    cell), records)."""
+    cell), records). ``spread`` > 0 (not the shipped recipe; ``bench/stage_a_probe.py --spread``): an object also
+    labels every cell that holds at least that share of its area and that no other object covers more."""
     import multiprocessing as mp
     import os
 
     workers = workers or (min(8, os.cpu_count() or 1) if n >= 500 else 1)  # spawning costs ~10 s
-    jobs = [(seed0 + i, smoke, processor.image_processor, variety) for i in range(n)]
+    jobs = [(seed0 + i, smoke, processor.image_processor, variety, spread) for i in range(n)]
     if workers > 1:
         with mp.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             out = list(tqdm(pool.imap(_render, jobs, chunksize=32), total=n, desc=desc, mininterval=5))
