@@ -26,7 +26,8 @@ def _bucket(cells: float) -> str:
     return "<0.5" if cells < 0.5 else "0.5-1" if cells < 1 else ">=1"
 
 
-def probe(pool, val, processor, *, steps: int, object_weight: float, shape_weight: float, seed: int = 0) -> dict:
+def probe(pool, val, processor, *, steps: int, object_weight: float, shape_weight: float, seed: int = 0,
+          vision_layers: int | None = None) -> dict:
     """Train a fresh tower on ``pool`` for ``steps`` stage-A steps, evaluate on ``val`` (both ``build_pool`` output)."""
     import numpy as np
     import torch
@@ -35,7 +36,9 @@ def probe(pool, val, processor, *, steps: int, object_weight: float, shape_weigh
     from vlmkit.default import train as T
     from vlmkit.default.build import build_model_and_processor
 
-    model, _ = build_model_and_processor(seed)
+    from vlmkit.default.build import VISION_LAYERS
+
+    model, _ = build_model_and_processor(seed, vision_layers=vision_layers or VISION_LAYERS)
     model.set_attn_implementation("sdpa")
     tower = model.model.vision_tower
     torch.manual_seed(seed)
@@ -64,6 +67,7 @@ def probe(pool, val, processor, *, steps: int, object_weight: float, shape_weigh
         pc, ps = heads["color"](hs).argmax(-1), heads["shape"](hs).argmax(-1)               # [n, 64]
     obj, bg = vcol > 0, vcol == 0
     out = {"object_weight": object_weight, "shape_weight": shape_weight, "steps": steps,
+           "vision_layers": tower.config.num_hidden_layers,
            "train_s": round(train_s, 1),
            "object_cells": round(float(((pc == vcol) & (ps == vshp))[obj].float().mean()), 3),
            "background_cells": round(float(((pc == 0) & (ps == 0))[bg].float().mean()), 4)}
@@ -100,6 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--spread", type=float, default=0.0,
                     help="training labels: an object also labels every cell holding this share of its area "
                          "(build_pool's spread; 0 = the shipped labels; validation labels stay the shipped ones)")
+    ap.add_argument("--vision-layers", type=int, help="depth of the probed tower (default: the shipped depth)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
@@ -116,7 +121,8 @@ def main(argv=None) -> int:
     val = T.build_pool(args.val, processor, seed0=VAL_SEED0, desc="validation scenes", workers=args.threads)
     results = []
     for ow, sw in zip(object_w, shape_w):
-        r = probe(pool, val, processor, steps=args.steps, object_weight=ow, shape_weight=sw)
+        r = probe(pool, val, processor, steps=args.steps, object_weight=ow, shape_weight=sw,
+                  vision_layers=args.vision_layers)
         results.append(r)
         print(json.dumps(r), flush=True)
     if args.json:

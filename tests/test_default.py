@@ -246,6 +246,14 @@ def test_train_rejects_a_curriculum_that_is_not_hold_before_end(tmp_path, schedu
         train(tmp_path / "m", smoke=True, run_dir=tmp_path / "run", curriculum=schedule)
 
 
+@pytest.mark.parametrize("option", [{"spread": -0.1}, {"spread": 1.5}, {"vision_layers": 0}])
+def test_train_rejects_a_bad_spread_or_tower_depth(tmp_path, option):
+    from vlmkit.default.train import train
+
+    with pytest.raises(ValueError, match=next(iter(option))):
+        train(tmp_path / "m", smoke=True, run_dir=tmp_path / "run", **option)
+
+
 def test_stage_a_labels_every_object_even_below_one_cell():
     from vlmkit.data.scenes import COLORS, SHAPES
     from vlmkit.default.train import MIN_LABEL_COVER, TRAIN_SEED0, _render
@@ -269,6 +277,27 @@ def test_stage_a_labels_every_object_even_below_one_cell():
     assert seen_small > 0                                                      # the rule was exercised
     varied = [not np.array_equal(pixels[s, 0.0], pixels[s, 1.0]) for s, _ in pixels]
     assert sum(varied) >= len(varied) - 2                                      # variety = 1: (nearly) all redrawn
+
+
+def test_stage_a_spread_labels_every_cell_holding_that_share_of_an_object():
+    from vlmkit.data.scenes import COLORS
+    from vlmkit.default.train import MIN_LABEL_COVER, TRAIN_SEED0, _render
+
+    _, processor = build_model_and_processor(0)
+    added = 0
+    for seed in range(TRAIN_SEED0, TRAIN_SEED0 + 12):
+        _, col0, _, _, rec = _render((seed, True, processor.image_processor, 0.0, 0.0))
+        _, col, shp, _, _ = _render((seed, True, processor.image_processor, 0.0, 0.25))
+        cov = rec.coverage.astype(np.float32)                                    # [objects, 64]
+        share = cov / cov.sum(1, keepdims=True)
+        labelled0 = col0 != 0
+        assert (col[labelled0 & (col0 > 0)] == col0[labelled0 & (col0 > 0)]).all()  # the shipped labels stay
+        for k, o in enumerate(rec.objects):
+            cells = (share[k] >= 0.25) & (cov.argmax(0) == k) & (cov[k] >= MIN_LABEL_COVER)
+            assert (col[cells] == COLORS.index(o.color) + 1).all(), (seed, k)
+            added += int((cells & (col0 != col)).sum())
+        assert ((col > 0) == (shp > 0)).all()
+    assert added > 0                                                            # spread labelled more cells
 
 
 def test_stage_a_loss_weighs_object_cells_above_background_and_shapes_by_shape_weight():
@@ -349,7 +378,8 @@ def test_train_default_help_states_the_shipped_recipe():
     import argparse
 
     from vlmkit.default.cli import add_parsers
-    from vlmkit.default.train import CURRICULUM, N_SCENES, PRECISION, SHAPE_WEIGHT, STEPS, VARIETY
+    from vlmkit.default.build import VISION_LAYERS
+    from vlmkit.default.train import CURRICULUM, N_SCENES, PRECISION, SHAPE_WEIGHT, SPREAD, STEPS, VARIETY
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_parsers(sub)
@@ -359,6 +389,8 @@ def test_train_default_help_states_the_shipped_recipe():
     assert f"(default {PRECISION};" in text and f"(default {VARIETY})" in text
     assert f"(default {SHAPE_WEIGHT};" in text
     assert f"(fractions; default {CURRICULUM[0]} {CURRICULUM[1]})" in text
+    assert f"(default {SPREAD}; 0 = its best-covered cell only" in text
+    assert f"(default {VISION_LAYERS})" in text
     args = sub.choices["train-default"].parse_args(["--curriculum", "0.1", "0.35"])
     assert args.curriculum == [0.1, 0.35]
 

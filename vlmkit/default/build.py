@@ -14,6 +14,7 @@ IMAGE_SIZE = 96
 PATCH = 12
 GRID = IMAGE_SIZE // PATCH          # 8
 N_IMAGE_TOKENS = GRID * GRID        # 64
+VISION_LAYERS = 3                   # transformer layers of the vision tower
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
@@ -40,8 +41,9 @@ def prompt_text(question: str, history: list[tuple[str, str]] = (), with_image_t
     return "".join(out)
 
 
-def build_config(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, eos_id: int):
-    """``LlavaConfig`` of the default model (about 1.1 M parameters)."""
+def build_config(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, eos_id: int, *,
+                 vision_layers: int = VISION_LAYERS):
+    """``LlavaConfig`` of the default model (about 1.1 M parameters with the default 3 tower layers)."""
     from transformers import LlavaConfig
 
     text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
@@ -49,7 +51,7 @@ def build_config(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int,
                 pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=True,
                 rms_norm_eps=1e-5)
     vision = dict(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=128,
-                  intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, projection_dim=128,
+                  intermediate_size=384, num_hidden_layers=vision_layers, num_attention_heads=4, projection_dim=128,
                   num_channels=3)
     return LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token_id,
                        image_seq_length=N_IMAGE_TOKENS, vision_feature_layer=-1,
@@ -68,8 +70,8 @@ def build_processor(tokenizer):
                           chat_template=CHAT_TEMPLATE, image_token="<image>")
 
 
-def build_model_and_processor(seed: int = 0):
-    """Fresh (random-weight) model and its processor."""
+def build_model_and_processor(seed: int = 0, *, vision_layers: int = VISION_LAYERS):
+    """Fresh (random-weight) model and its processor (``vision_layers``: depth of the vision tower)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
@@ -77,7 +79,7 @@ def build_model_and_processor(seed: int = 0):
 
     tok = build_tokenizer()
     cfg = build_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, tok.bos_token_id,
-                       tok.eos_token_id)
+                       tok.eos_token_id, vision_layers=vision_layers)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id

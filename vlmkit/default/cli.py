@@ -25,7 +25,7 @@ def _train(args) -> int:
           n_scenes=args.scenes, eval_images=args.eval_images, steps_a=steps_a,
           steps_b=steps_b, answer_loss=args.answer_loss, group_by_length=args.group_by_length,
           precision=args.precision, variety=args.variety, shape_weight=args.shape_weight,
-          curriculum=tuple(args.curriculum))
+          curriculum=tuple(args.curriculum), spread=args.spread, vision_layers=args.vision_layers)
     print(f"saved model + metrics.json to {out}")
     return 0
 
@@ -34,7 +34,7 @@ def add_parsers(subparsers) -> None:
     """Register ``train-default`` on an ``argparse`` sub-parsers object."""
     # literal numbers (importing train.py here would load torch for every vlmkit command); a test keeps them in sync
     N_SCENES, STEPS, PRECISION, VARIETY, SHAPE_WEIGHT = 48000, (12000, 18000), "fp32", 0.5, 0.0
-    CURRICULUM = (0.3, 0.6)
+    CURRICULUM, SPREAD, VISION_LAYERS = (0.3, 0.6), 0.0, 3
     p = subparsers.add_parser("train-default", help="train the embedded default model from scratch",
                               description="Train the small LLaVA default model on generated scenes "
                                           f"({N_SCENES} scenes, two stages: {STEPS[0]} + {STEPS[1]} steps, or "
@@ -68,6 +68,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--curriculum", type=float, nargs=2, default=list(CURRICULUM), metavar=("HOLD", "END"),
                    help="stage B: draw only easy scenes for the first HOLD of the steps, then fewer and fewer until "
                         f"END (fractions; default {CURRICULUM[0]} {CURRICULUM[1]})")
+    p.add_argument("--spread", type=float, default=SPREAD, metavar="SHARE",
+                   help="stage A: an object also labels every token cell holding this share of its area (default "
+                        f"{SPREAD}; 0 = its best-covered cell only; bench/stage_a_probe.py --spread)")
+    p.add_argument("--vision-layers", type=int, default=VISION_LAYERS, metavar="N",
+                   help=f"depth of the vision tower (default {VISION_LAYERS})")
     p.set_defaults(func=_train)
 
 

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vlmkit.data.scenes import COLORS, SHAPES, generate_scene
-from vlmkit.default.build import GRID, N_IMAGE_TOKENS, build_model_and_processor, pad_geometry, patch_coverage
+from vlmkit.default.build import (GRID, N_IMAGE_TOKENS, VISION_LAYERS, build_model_and_processor, pad_geometry,
+                                  patch_coverage)
 from vlmkit.default.qa import conversation, shared_attributes
 from vlmkit.default.row_attention import image_rows
 from vlmkit.default.row_attention import register as register_row_attention
@@ -62,6 +63,7 @@ CURRICULUM = (0.3, 0.6)
 MIN_LABEL_COVER = 0.03        # stage A: an object covering this much of its best cell labels that cell
 OBJECT_WEIGHT = 1.0           # stage A: extra weight of the loss on object cells (stage_a_loss)
 SHAPE_WEIGHT = 0.0            # stage A: extra weight of the shape loss on object cells (stage_a_loss; --shape-weight)
+SPREAD = 0.0                  # stage A: an object also labels cells holding this share of its area (build_pool; --spread)
 STEPS = (12000, 18000)         # the shipped run's stage A / stage B optimiser steps (CLI default)
 PRECISION = "fp32"             # "bf16": matmuls of both stages under bf16 autocast (master weights stay fp32)
 VARIETY = 0.5                  # share of training scenes drawn with generate_scene(..., variety=True)
@@ -339,7 +341,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
           n_scenes: int | None = None, eval_images: int | None = None, seed: int = 0,
           steps_a: int | None = None, steps_b: int | None = None, answer_loss: str = "token",
           curriculum: tuple[float, float] = CURRICULUM, group_by_length: int = 1, precision: str = PRECISION,
-          variety: float = VARIETY, shape_weight: float = SHAPE_WEIGHT, log=print) -> dict:
+          variety: float = VARIETY, shape_weight: float = SHAPE_WEIGHT, spread: float = SPREAD,
+          vision_layers: int = VISION_LAYERS, log=print) -> dict:
     """Train from scratch (or resume), save the model + processor into ``out_dir``, evaluate, write metrics.json.
 
     The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
@@ -351,7 +354,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     stage-B batches drawn together and grouped by length (:func:`draw_batches`; 1 = the shipped recipe).
     ``precision``: "bf16" runs both stages' matmuls under bf16 autocast (``bench/stage_b_step.py``). ``variety``: the
     share of training scenes drawn with the generator's extra drawing variety. ``shape_weight``: stage A's extra
-    shape loss on object cells (:func:`stage_a_loss`).
+    shape loss on object cells (:func:`stage_a_loss`). ``spread``: stage A's multi-cell labels for objects
+    (:func:`build_pool`). ``vision_layers``: depth of the vision tower.
     """
     if group_by_length < 1:
         raise ValueError(f"group_by_length={group_by_length}: use 1 (no grouping) or more")
@@ -361,6 +365,10 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         raise ValueError(f"precision={precision!r}: use 'fp32' or 'bf16'")
     if not 0.0 <= curriculum[0] < curriculum[1] <= 1.0:
         raise ValueError(f"curriculum={tuple(curriculum)!r}: (hold, end) with 0 <= hold < end <= 1")
+    if not 0.0 <= spread <= 1.0:
+        raise ValueError(f"spread={spread!r}: a share of an object's area, within 0..1 (0 = off)")
+    if vision_layers < 1:
+        raise ValueError(f"vision_layers={vision_layers!r}: the tower needs at least one layer")
     if answer_loss not in ("token", "answer"):
         raise ValueError(f"answer_loss={answer_loss!r}: use 'token' or 'answer'")
     from vlmkit.default.evaluate import evaluate
@@ -371,7 +379,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     ckpt_path = run / "ckpt.pt"
-    model, processor = build_model_and_processor(seed)
+    model, processor = build_model_and_processor(seed, vision_layers=vision_layers)
     model.set_attn_implementation("sdpa")
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     tok = Tokens(processor.tokenizer)
@@ -384,7 +392,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     # options a resumed run must share with the run it continues (budgets may grow, the recipe may not change)
     recipe = {"n_scenes": n, "seed": seed, "answer_loss": answer_loss, "curriculum": [float(c) for c in curriculum],
               "group_by_length": group_by_length, "precision": precision, "variety": float(variety),
-              "shape_weight": float(shape_weight)}
+              "shape_weight": float(shape_weight), "spread": float(spread), "vision_layers": vision_layers}
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         changed = {k: (ck["recipe"][k], v) for k, v in recipe.items() if k in ck.get("recipe", {})
@@ -403,11 +411,12 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         _save_ckpt(ckpt_path, {"model": model.state_dict(), "heads": heads.state_dict(), "state": dict(state),
                                "recipe": recipe, **extra})
     model.to(dev), heads.to(dev)
-    pool_path = run / f"pool_{n}{'_smoke' if smoke else ''}{f'_variety{variety:g}' if variety else ''}.pt"
+    pool_path = run / (f"pool_{n}{'_smoke' if smoke else ''}{f'_variety{variety:g}' if variety else ''}"
+                       f"{f'_spread{spread:g}' if spread else ''}.pt")
     if pool_path.exists():
         pix, col, shp, cen, recs = _load_pool(pool_path)
     else:
-        pix, col, shp, cen, recs = build_pool(n, processor, smoke=smoke, variety=variety)
+        pix, col, shp, cen, recs = build_pool(n, processor, smoke=smoke, variety=variety, spread=spread)
         _save_ckpt(pool_path, (pix, col, shp, cen, recs))
     log(f"pool: {n} scenes in {time.time() - t_start:.0f}s")
     tower = model.model.vision_tower
@@ -531,7 +540,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                   "attn_layers": list(ATTN_LAYERS), "curriculum": list(curriculum), "attn_weight": ATTN_WEIGHT,
                   "answer_loss": answer_loss, "group_by_length": group_by_length, "precision": precision,
                   "variety": variety, "object_weight": OBJECT_WEIGHT, "shape_weight": shape_weight,
-                  "device": str(dev),
+                  "spread": spread, "vision_layers": vision_layers, "device": str(dev),
                   "wall_s_train": round(time.time() - t_start, 1)}
     metrics = evaluate(out, n_images=eval_images or (24 if smoke else 200), log=log)
     metrics["training"] = train_info
