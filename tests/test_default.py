@@ -466,3 +466,31 @@ def test_list_answers_look_at_each_named_object_before_naming_it():
     assert [ids[r + 1] for r, _ in rows] == [tokens("red")[0], tokens("blue")[0]]   # rows predict the colour word
     assert all(labels[r + 1] == ids[r + 1] for r, _ in rows)
     assert [set(np.flatnonzero(t)) for _, t in rows] == [{3}, {40}]    # 5% of cell 41 is below 15%, not the best
+
+
+def test_paired_eval_bench_agrees_with_itself_and_its_mcnemar_test_is_exact(tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("paired_eval", root / "bench" / "paired_eval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mcnemar_p = bench.mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(5, 5) == 1.0
+    assert mcnemar_p(0, 10) == pytest.approx(2 / 1024) == mcnemar_p(10, 0)
+    assert mcnemar_p(21, 29) == pytest.approx(0.322, abs=1e-3)           # scipy.stats.binomtest(29, 50)
+    ckpt, out = str(CHECKPOINT_DIR), tmp_path / "paired.json"
+    r = subprocess.run([sys.executable, str(root / "bench" / "paired_eval.py"), "--a", ckpt, "--b", ckpt,
+                        "--scenes", "8", "--threads", "1", "--json", str(out)],
+                       capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["set"] for row in rows} >= {"pope_random", "color", "cluttered_adversarial"}
+    assert all(row["a"] == row["b"] and row["only_a"] == row["only_b"] == 0 and row["n"] > 0 for row in rows)
+    bad = subprocess.run([sys.executable, str(root / "bench" / "paired_eval.py"), "--a", ckpt, "--b", str(tmp_path)],
+                         capture_output=True, text=True, cwd=root, timeout=120)
+    assert bad.returncode != 0 and "not a checkpoint directory" in bad.stderr

@@ -141,27 +141,44 @@ def pointing(model, processor, scenes, rng) -> dict:
             "random_baseline": round(float(np.mean(base)), 3), "n": len(scenes)}
 
 
+SKILLS = (("color", 2), ("shape", 2), ("count", 2), ("location", 3), ("list", 40), ("describe", 48))
+
+
+def question_sets(n_images: int = 200):
+    """The scored questions of :func:`evaluate`, drawn in its order: (scenes, cluttered scenes, sets, rng), where
+    ``sets`` maps ``pope_random`` / ``pope_popular`` / ``pope_adversarial``, each skill of :data:`SKILLS` and
+    ``cluttered_random`` / ``cluttered_adversarial`` to a list of (scene, QA) pairs, and ``rng`` is left where
+    :func:`evaluate` goes on drawing (cluttered lists, the swap / paint-over checks, pointing)."""
+    rng = np.random.default_rng(2024)
+    scenes = [generate_scene(EVAL_SEED0 + i) for i in range(n_images)]
+    clutter = [generate_scene(CLUTTER_SEED0 + i, style="cluttered") for i in range(max(8, n_images // 2))]
+    sets = {f"pope_{split}": [(sc, qa) for sc in scenes for qa in pope_questions(sc, split, rng)]
+            for split in ("random", "popular", "adversarial")}
+    for skill, _ in SKILLS:   # one question per scene and skill (when well-posed)
+        sets[skill] = [(sc, qa) for sc in scenes for qa in [make_qa(sc, rng, skill)] if qa is not None]
+    for split in ("random", "adversarial"):
+        sets[f"cluttered_{split}"] = [(sc, qa) for sc in clutter for qa in pope_questions(sc, split, rng)]
+    return scenes, clutter, sets, rng
+
+
 def evaluate(path_or_model, n_images: int = 200, *, processor=None, log=print) -> dict:
     """All held-out metrics of the default model as a JSON-able dict."""
     if processor is None:
         model, processor = load(path_or_model)
     else:
         model = path_or_model.eval()
-    rng = np.random.default_rng(2024)
     t0 = time.time()
-    scenes = [generate_scene(EVAL_SEED0 + i) for i in range(n_images)]
-    clutter = [generate_scene(CLUTTER_SEED0 + i, style="cluttered") for i in range(max(8, n_images // 2))]
+    scenes, clutter, sets, rng = question_sets(n_images)
     res: dict = {"eval_seeds": [EVAL_SEED0, EVAL_SEED0 + n_images - 1], "pope": {}}
     for split in ("random", "popular", "adversarial"):
-        qs = [(sc, qa) for sc in scenes for qa in pope_questions(sc, split, rng)]
+        qs = sets[f"pope_{split}"]
         preds = answer(model, processor, [s.image for s, _ in qs], [q.question for _, q in qs], 2)
         said_yes = [is_yes(p) for p in preds]
         res["pope"][split] = _pope_metrics(said_yes, [q.answer == "yes" for _, q in qs])
         if split == "random":
             res["pope_random_by_case"] = pope_breakdown(qs, said_yes)
-    # other skills: one question per scene and skill (when well-posed)
-    for skill, n_tok in (("color", 2), ("shape", 2), ("count", 2), ("location", 3), ("list", 40), ("describe", 48)):
-        qs = [(sc, qa) for sc in scenes for qa in [make_qa(sc, rng, skill)] if qa is not None]
+    for skill, n_tok in SKILLS:
+        qs = sets[skill]
         preds = answer(model, processor, [s.image for s, _ in qs], [q.question for _, q in qs], n_tok)
         if skill == "list":
             res["list_f1"] = round(float(np.mean([_list_f1(p, s) for p, (s, _) in zip(preds, qs)])), 4)
@@ -177,7 +194,7 @@ def evaluate(path_or_model, n_images: int = 200, *, processor=None, log=print) -
     # cluttered split
     res["cluttered"] = {}
     for split in ("random", "adversarial"):
-        qs = [(sc, qa) for sc in clutter for qa in pope_questions(sc, split, rng)]
+        qs = sets[f"cluttered_{split}"]
         preds = answer(model, processor, [s.image for s, _ in qs], [q.question for _, q in qs], 2)
         res["cluttered"][f"pope_{split}"] = _pope_metrics([is_yes(p) for p in preds], [q.answer == "yes" for _, q in qs])
     lq = [make_qa(sc, rng, "list") for sc in clutter]
