@@ -34,9 +34,7 @@ def probe(pool, val, processor, *, steps: int, object_weight: float, shape_weigh
 
     from vlmkit.data.scenes import COLORS, SHAPES
     from vlmkit.default import train as T
-    from vlmkit.default.build import build_model_and_processor
-
-    from vlmkit.default.build import VISION_LAYERS
+    from vlmkit.default.build import VISION_LAYERS, build_model_and_processor
 
     model, _ = build_model_and_processor(seed, vision_layers=vision_layers or VISION_LAYERS)
     model.set_attn_implementation("sdpa")
