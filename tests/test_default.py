@@ -93,6 +93,41 @@ def test_binding_negatives_reuse_present_colours_and_shapes_on_other_objects():
     assert all(q is not None for q in asked) and {q.answer for q in asked} == {"yes", "no"}
 
 
+def test_partial_negatives_share_exactly_one_attribute_and_the_mix_steers_training_questions():
+    from vlmkit.data.scenes import COLORS, SHAPES
+    from vlmkit.data.scenes import object_names
+    from vlmkit.default.qa import TRAIN_NEGATIVES, conversation, parse_negative_mix
+
+    O = lambda c, s: type("O", (), {"shape": s, "color": c})()  # noqa: E731
+    class _S:  # red circle + blue star
+        objects, width, height = [O("red", "circle"), O("blue", "star")], 100, 100
+    part = negatives(_S, "partial", 100, np.random.default_rng(0))
+    # red or blue with a shape other than circle / star, or circle / star in a third colour: nothing else
+    expect = {f"{c} {s}" for c in ("red", "blue") for s in SHAPES if s not in ("circle", "star")}
+    expect |= {f"{c} {s}" for c in COLORS if c not in ("red", "blue") for s in ("circle", "star")}
+    assert set(part) == expect and len(part) == len(expect)
+    # a mix of only partial negatives makes every "no" existence question about such an object
+    mix = parse_negative_mix("partial=1")
+    asked = [make_qa(_S, np.random.default_rng(k), "exist", negative_mix=mix) for k in range(300)]
+    asked_names = [n for q in asked if q.answer == "no" for n in object_names() if f" {n} " in f"{q.question} "]
+    assert len(asked_names) > 100 and set(asked_names) <= expect     # (shape- or colour-only questions name none)
+    # no mix = the shipped one: the same draws as before the option existed
+    for k in range(20):
+        sc = generate_scene(k, size=128)
+        a = conversation(sc, np.random.default_rng(k))
+        b = conversation(sc, np.random.default_rng(k), negative_mix=dict(TRAIN_NEGATIVES))
+        assert [(q.question, q.answer) for q in a] == [(q.question, q.answer) for q in b]
+
+
+@pytest.mark.parametrize("text", ["random=0.5,foo=0.5", "random=0.5,random=0.5", "random", "random=-1,binding=2",
+                                  "random=0.5,binding=0.4", "random=nan,binding=1"])
+def test_negative_mix_rejects_unknown_kinds_repeats_and_shares_not_summing_to_one(text):
+    from vlmkit.default.qa import parse_negative_mix
+
+    with pytest.raises(ValueError, match="negative mix"):
+        parse_negative_mix(text)
+
+
 def test_token_geometry_covers_the_whole_image():
     boxes = token_boxes(200, 100)                       # padded to 200 x 200: rows 0-1 and 6-7 are mostly padding
     assert boxes.shape == (N_IMAGE_TOKENS, 4)
@@ -246,7 +281,8 @@ def test_train_rejects_a_curriculum_that_is_not_hold_before_end(tmp_path, schedu
         train(tmp_path / "m", smoke=True, run_dir=tmp_path / "run", curriculum=schedule)
 
 
-@pytest.mark.parametrize("option", [{"spread": -0.1}, {"spread": 1.5}, {"vision_layers": 0}])
+@pytest.mark.parametrize("option", [{"spread": -0.1}, {"spread": 1.5}, {"vision_layers": 0},
+                                    {"negatives": {"random": 0.5}}])
 def test_train_rejects_a_bad_spread_or_tower_depth(tmp_path, option):
     from vlmkit.default.train import train
 
@@ -390,6 +426,12 @@ def test_train_default_help_states_the_shipped_recipe():
     assert f"(fractions; default {CURRICULUM[0]} {CURRICULUM[1]})" in text
     assert f"(default {SPREAD}; 0 = its best-covered cell only" in text
     assert f"(default {VISION_LAYERS})" in text
+    from vlmkit.default.qa import TRAIN_NEGATIVES
+
+    shipped_mix = ",".join(f"{k}={v:g}" for k, v in TRAIN_NEGATIVES.items())
+    assert f"(default {shipped_mix})" in text
+    args = sub.choices["train-default"].parse_args(["--negatives", "random=0.5,partial=0.5"])
+    assert args.negatives == {"random": 0.5, "partial": 0.5}
     args = sub.choices["train-default"].parse_args(["--curriculum", "0.1", "0.35"])
     assert args.curriculum == [0.1, 0.35]
 

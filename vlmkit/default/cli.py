@@ -7,6 +7,16 @@ from pathlib import Path
 DEFAULT_OUT = Path(__file__).parent / "checkpoints" / "scenes-llava"
 
 
+def _negative_mix(text: str) -> dict[str, float]:
+    """``--negatives`` as a mix (:func:`vlmkit.default.qa.parse_negative_mix`); a bad one is a usage error."""
+    from vlmkit.default.qa import parse_negative_mix
+
+    try:
+        return parse_negative_mix(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _train(args) -> int:
     import torch
 
@@ -25,7 +35,8 @@ def _train(args) -> int:
           n_scenes=args.scenes, eval_images=args.eval_images, steps_a=steps_a,
           steps_b=steps_b, answer_loss=args.answer_loss, group_by_length=args.group_by_length,
           precision=args.precision, variety=args.variety, shape_weight=args.shape_weight,
-          curriculum=tuple(args.curriculum), spread=args.spread, vision_layers=args.vision_layers)
+          curriculum=tuple(args.curriculum), spread=args.spread, vision_layers=args.vision_layers,
+          negatives=args.negatives)
     print(f"saved model + metrics.json to {out}")
     return 0
 
@@ -35,6 +46,7 @@ def add_parsers(subparsers) -> None:
     # literal numbers (importing train.py here would load torch for every vlmkit command); a test keeps them in sync
     N_SCENES, STEPS, PRECISION, VARIETY, SHAPE_WEIGHT = 48000, (12000, 18000), "fp32", 0.5, 0.0
     CURRICULUM, SPREAD, VISION_LAYERS = (0.3, 0.6), 0.0, 3
+    NEGATIVES = "random=0.4,popular=0.15,adversarial=0.25,binding=0.2"
     p = subparsers.add_parser("train-default", help="train the embedded default model from scratch",
                               description="Train the small LLaVA default model on generated scenes "
                                           f"({N_SCENES} scenes, two stages: {STEPS[0]} + {STEPS[1]} steps, or "
@@ -73,6 +85,10 @@ def add_parsers(subparsers) -> None:
                         f"{SPREAD}; 0 = its best-covered cell only; bench/stage_a_probe.py --spread)")
     p.add_argument("--vision-layers", type=int, default=VISION_LAYERS, metavar="N",
                    help=f"depth of the vision tower (default {VISION_LAYERS})")
+    p.add_argument("--negatives", type=_negative_mix, default=None, metavar="KIND=SHARE,...",
+                   help="stage B: how existence questions pick their absent object, shares of random, popular, "
+                        "adversarial, binding (colour and shape both in the scene) and partial (exactly one of them) "
+                        f"(default {NEGATIVES})")
     p.set_defaults(func=_train)
 
 

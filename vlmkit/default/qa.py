@@ -25,6 +25,7 @@ LOCATIONS = ("top left", "top", "top right", "left", "center", "right", "bottom 
 # how training existence questions pick their absent object ("binding": colour and shape both in the scene, on
 # different objects -- the commonest POPE error of the 16000-scene checkpoint)
 TRAIN_NEGATIVES = {"random": 0.4, "popular": 0.15, "adversarial": 0.25, "binding": 0.2}
+NEGATIVE_KINDS = ("random", "popular", "adversarial", "binding", "partial")   # see negatives()
 EXIST_TEMPLATES = ("Is there a {o} in the image?", "Is there a {o} in the image?", "Is there a {o}?",
                    "Do you see a {o} in the image?", "Is there any {o} in this picture?")
 
@@ -89,8 +90,12 @@ def describe_answer(scene) -> str:
     return f"the image shows {body}."
 
 
-def make_qa(scene, rng: np.random.Generator, skill: str | None = None, *, first: bool = True) -> QA | None:
-    """A random question of ``skill`` (None: drawn by :data:`SKILL_WEIGHTS`) about ``scene``; None if ill-posed."""
+def make_qa(scene, rng: np.random.Generator, skill: str | None = None, *, first: bool = True,
+            negative_mix: dict[str, float] | None = None) -> QA | None:
+    """A random question of ``skill`` (None: drawn by :data:`SKILL_WEIGHTS`) about ``scene``; None if ill-posed.
+    ``negative_mix``: how absent objects of existence questions are picked, kind -> share (:func:`negatives`;
+    None = :data:`TRAIN_NEGATIVES`, the shipped recipe)."""
+    mix = TRAIN_NEGATIVES if negative_mix is None else negative_mix
     if skill is None:
         skill = str(rng.choice(list(SKILL_WEIGHTS), p=list(SKILL_WEIGHTS.values())))
     objs = scene.objects
@@ -101,7 +106,7 @@ def make_qa(scene, rng: np.random.Generator, skill: str | None = None, *, first:
             i = int(rng.integers(len(objs)))
             name, ans = names[i], "yes"
         else:
-            kind = str(rng.choice(list(TRAIN_NEGATIVES), p=list(TRAIN_NEGATIVES.values())))
+            kind = str(rng.choice(list(mix), p=list(mix.values())))
             negs = negatives(scene, kind, 1, rng) or negatives(scene, "random", 1, rng)
             if not negs:
                 return None
@@ -161,12 +166,13 @@ def make_qa(scene, rng: np.random.Generator, skill: str | None = None, *, first:
     raise ValueError(f"unknown skill {skill!r}; expected one of {SKILLS}")
 
 
-def conversation(scene, rng: np.random.Generator, max_turns: int = 3) -> list[QA]:
-    """1..max_turns question/answer turns; any skill can be the first turn."""
+def conversation(scene, rng: np.random.Generator, max_turns: int = 3,
+                 negative_mix: dict[str, float] | None = None) -> list[QA]:
+    """1..max_turns question/answer turns; any skill can be the first turn (``negative_mix``: see :func:`make_qa`)."""
     n = int(rng.integers(1, max_turns + 1)) if rng.random() < 0.5 else 1
     turns: list[QA] = []
     for t in range(n * 3):
-        qa = make_qa(scene, rng, first=not turns)
+        qa = make_qa(scene, rng, first=not turns, negative_mix=negative_mix)
         if qa is not None:
             turns.append(qa)
         if len(turns) >= n:
@@ -191,11 +197,40 @@ def cooccurrence(n_scenes: int = 4000, seed: int = 12345) -> dict[str, dict[str,
     return co
 
 
+def check_negative_mix(mix: dict[str, float]) -> dict[str, float]:
+    """``mix`` (kind -> share) as a plain dict if its kinds are :data:`NEGATIVE_KINDS` and its shares are >= 0 and
+    sum to 1; else ``ValueError`` naming the offending entry."""
+    for kind, share in mix.items():
+        if kind not in NEGATIVE_KINDS or not float(share) >= 0:
+            raise ValueError(f"negative mix {mix!r}: bad entry {kind}={share!r}; kinds are {NEGATIVE_KINDS}, "
+                             "shares >= 0")
+    if abs(sum(mix.values()) - 1.0) > 1e-9:            # numpy's choice() allows ~1.5e-8
+        raise ValueError(f"negative mix {mix!r}: the shares sum to {sum(mix.values()):g}, not 1")
+    return {k: float(v) for k, v in mix.items()}
+
+
+def parse_negative_mix(text: str) -> dict[str, float]:
+    """``"random=0.4,binding=0.6"`` -> ``{"random": 0.4, "binding": 0.6}``, checked by :func:`check_negative_mix`
+    (each kind once; ``ValueError`` naming the offending part otherwise)."""
+    mix: dict[str, float] = {}
+    for part in text.split(","):
+        kind, _, share = part.strip().partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            value = None
+        if value is None or kind in mix:
+            raise ValueError(f"negative mix {text!r}: bad part {part.strip()!r}; expected KIND=SHARE, each kind once")
+        mix[kind] = value
+    return check_negative_mix(mix)
+
+
 def negatives(scene, kind: str, k: int, rng: np.random.Generator) -> list[str]:
     """``k`` absent object names, POPE style: ``random`` (uniform), ``popular`` (most frequent under the prior),
     ``adversarial`` (most co-occurring with the present objects); or ``binding`` (uniform among absent objects whose
-    colour and shape both occur in the scene, on different objects; fewer than ``k``, maybe none, if there are not
-    enough)."""
+    colour and shape both occur in the scene, on different objects) or ``partial`` (uniform among absent objects that
+    share exactly one of colour and shape with the scene's objects); the last two give fewer than ``k``, maybe none,
+    if there are not enough."""
     present = {f"{o.color} {o.shape}" for o in scene.objects}
     absent = [n for n in object_names() if n not in present]
     if kind == "random":
@@ -207,11 +242,12 @@ def negatives(scene, kind: str, k: int, rng: np.random.Generator) -> list[str]:
         co, freq = cooccurrence(), object_frequencies()
         score = {n: sum(co[p].get(n, 0) for p in present) + freq[n] for n in absent}
         return sorted(absent, key=lambda n: -score[n])[:k]
-    if kind == "binding":
+    if kind in ("binding", "partial"):
         colors, shapes = {o.color for o in scene.objects}, {o.shape for o in scene.objects}
-        cand = [n for n in absent if n.split(" ")[0] in colors and n.split(" ")[1] in shapes]
+        seen = [(n, n.split(" ")[0] in colors, n.split(" ")[1] in shapes) for n in absent]
+        cand = [n for n, c, s in seen if (c and s if kind == "binding" else c != s)]
         return [str(x) for x in rng.choice(cand, size=min(k, len(cand)), replace=False)] if cand else []
-    raise ValueError(f"unknown POPE split {kind!r}; expected random, popular, adversarial or binding")
+    raise ValueError(f"unknown POPE split {kind!r}; expected one of {NEGATIVE_KINDS}")
 
 
 def pope_questions(scene, kind: str, rng: np.random.Generator, per_image: int = 3) -> list[QA]:

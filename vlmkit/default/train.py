@@ -47,7 +47,7 @@ from tqdm import tqdm
 from vlmkit.data.scenes import COLORS, SHAPES, generate_scene
 from vlmkit.default.build import (GRID, N_IMAGE_TOKENS, VISION_LAYERS, build_model_and_processor, pad_geometry,
                                   patch_coverage)
-from vlmkit.default.qa import conversation, shared_attributes
+from vlmkit.default.qa import TRAIN_NEGATIVES, check_negative_mix, conversation, shared_attributes
 from vlmkit.default.row_attention import image_rows
 from vlmkit.default.row_attention import register as register_row_attention
 
@@ -267,20 +267,22 @@ def encode_conversation(turns, tokens: Tokens, record: Record):
     return ids, labels, weights, rows
 
 
-def draw_batches(rng: np.random.Generator, recs: list, easy: np.ndarray, p: float, tok, group: int = 1) -> list:
+def draw_batches(rng: np.random.Generator, recs: list, easy: np.ndarray, p: float, tok, group: int = 1,
+                 negative_mix: dict[str, float] | None = None) -> list:
     """``group`` stage-B batches of :data:`BATCH_B` encoded conversations as a list of (scene indices, sequences).
 
     Each scene is an easy one (``easy``: indices) with probability ``p``, else uniform. ``group`` = 1 is the
     shipped recipe (one batch, in draw order). ``group`` > 1 draws ``group`` batches at once, sorts them by
     length before cutting them into batches (less padding: ``bench/stage_b_step.py``) and returns the batches
-    in random order; consume them with ``pop()``.
+    in random order; consume them with ``pop()``. ``negative_mix``: how existence questions pick absent objects
+    (:func:`vlmkit.default.qa.make_qa`; None = the shipped mix).
     """
     m = BATCH_B * group
     idx = rng.integers(0, len(recs), m)
     if len(easy):
         pick = rng.random(m) < p
         idx[pick] = easy[rng.integers(0, len(easy), int(pick.sum()))]
-    seqs = [encode_conversation(conversation(recs[i], rng), tok, recs[i]) for i in idx]
+    seqs = [encode_conversation(conversation(recs[i], rng, negative_mix=negative_mix), tok, recs[i]) for i in idx]
     if group == 1:
         return [(idx, seqs)]
     order = np.argsort([len(sq[0]) for sq in seqs], kind="stable")
@@ -342,7 +344,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
           steps_a: int | None = None, steps_b: int | None = None, answer_loss: str = "token",
           curriculum: tuple[float, float] = CURRICULUM, group_by_length: int = 1, precision: str = PRECISION,
           variety: float = VARIETY, shape_weight: float = SHAPE_WEIGHT, spread: float = SPREAD,
-          vision_layers: int = VISION_LAYERS, log=print) -> dict:
+          vision_layers: int = VISION_LAYERS, negatives: dict[str, float] | None = None, log=print) -> dict:
     """Train from scratch (or resume), save the model + processor into ``out_dir``, evaluate, write metrics.json.
 
     The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
@@ -355,7 +357,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     ``precision``: "bf16" runs both stages' matmuls under bf16 autocast (``bench/stage_b_step.py``). ``variety``: the
     share of training scenes drawn with the generator's extra drawing variety. ``shape_weight``: stage A's extra
     shape loss on object cells (:func:`stage_a_loss`). ``spread``: stage A's multi-cell labels for objects
-    (:func:`build_pool`). ``vision_layers``: depth of the vision tower.
+    (:func:`build_pool`). ``vision_layers``: depth of the vision tower. ``negatives``: stage B's mix of absent-object
+    kinds for existence questions (:func:`vlmkit.default.qa.parse_negative_mix`; None = ``TRAIN_NEGATIVES``).
     """
     if group_by_length < 1:
         raise ValueError(f"group_by_length={group_by_length}: use 1 (no grouping) or more")
@@ -367,6 +370,10 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         raise ValueError(f"curriculum={tuple(curriculum)!r}: (hold, end) with 0 <= hold < end <= 1")
     if not 0.0 <= spread <= 1.0:
         raise ValueError(f"spread={spread!r}: a share of an object's area, within 0..1 (0 = off)")
+    try:
+        negatives = check_negative_mix(TRAIN_NEGATIVES if negatives is None else negatives)
+    except ValueError as e:
+        raise ValueError(f"negatives: {e}") from None
     if vision_layers < 1:
         raise ValueError(f"vision_layers={vision_layers!r}: the tower needs at least one layer")
     if answer_loss not in ("token", "answer"):
@@ -392,7 +399,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     # options a resumed run must share with the run it continues (budgets may grow, the recipe may not change)
     recipe = {"n_scenes": n, "seed": seed, "answer_loss": answer_loss, "curriculum": [float(c) for c in curriculum],
               "group_by_length": group_by_length, "precision": precision, "variety": float(variety),
-              "shape_weight": float(shape_weight), "spread": float(spread), "vision_layers": vision_layers}
+              "shape_weight": float(shape_weight), "spread": float(spread), "vision_layers": vision_layers,
+              "negatives": negatives}
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         changed = {k: (ck["recipe"][k], v) for k, v in recipe.items() if k in ck.get("recipe", {})
@@ -485,7 +493,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         for grp in opt.param_groups:
             grp["lr"] = _lr(frac, 1.5e-3) * min(1.0, (state["step"] - fresh_from + 1) / 50)
         if not queue:
-            queue = draw_batches(rng, recs, easy, p_easy(frac, curriculum), tok, group_by_length)
+            queue = draw_batches(rng, recs, easy, p_easy(frac, curriculum), tok, group_by_length, negatives)
         idx, seqs = queue.pop()
         ids, lab, wt, am = collate(seqs, pad)
         bi, ri, tg = [], [], []
@@ -540,7 +548,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                   "attn_layers": list(ATTN_LAYERS), "curriculum": list(curriculum), "attn_weight": ATTN_WEIGHT,
                   "answer_loss": answer_loss, "group_by_length": group_by_length, "precision": precision,
                   "variety": variety, "object_weight": OBJECT_WEIGHT, "shape_weight": shape_weight,
-                  "spread": spread, "vision_layers": vision_layers, "device": str(dev),
+                  "spread": spread, "vision_layers": vision_layers, "negatives": negatives, "device": str(dev),
                   "wall_s_train": round(time.time() - t_start, 1)}
     metrics = evaluate(out, n_images=eval_images or (24 if smoke else 200), log=log)
     metrics["training"] = train_info
