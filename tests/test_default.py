@@ -94,8 +94,7 @@ def test_binding_negatives_reuse_present_colours_and_shapes_on_other_objects():
 
 
 def test_partial_negatives_share_exactly_one_attribute_and_the_mix_steers_training_questions():
-    from vlmkit.data.scenes import COLORS, SHAPES
-    from vlmkit.data.scenes import object_names
+    from vlmkit.data.scenes import COLORS, SHAPES, object_names
     from vlmkit.default.qa import TRAIN_NEGATIVES, conversation, parse_negative_mix
 
     O = lambda c, s: type("O", (), {"shape": s, "color": c})()  # noqa: E731
@@ -283,7 +282,7 @@ def test_train_rejects_a_curriculum_that_is_not_hold_before_end(tmp_path, schedu
 
 @pytest.mark.parametrize("option", [{"spread": -0.1}, {"spread": 1.5}, {"vision_layers": 0},
                                     {"negatives": {"random": 0.5}}])
-def test_train_rejects_a_bad_spread_or_tower_depth(tmp_path, option):
+def test_train_rejects_a_bad_spread_tower_depth_or_negative_mix(tmp_path, option):
     from vlmkit.default.train import train
 
     with pytest.raises(ValueError, match=next(iter(option))):
