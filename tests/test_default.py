@@ -110,7 +110,7 @@ def test_partial_negatives_share_exactly_one_attribute_and_the_mix_steers_traini
     asked = [make_qa(_S, np.random.default_rng(k), "exist", negative_mix=mix) for k in range(300)]
     asked_names = [n for q in asked if q.answer == "no" for n in object_names() if f" {n} " in f"{q.question} "]
     assert len(asked_names) > 100 and set(asked_names) <= expect     # (shape- or colour-only questions name none)
-    # no mix = the shipped one: the same draws as before the option existed
+    # no mix = the shipped one (TRAIN_NEGATIVES): the same draws as naming it
     for k in range(20):
         sc = generate_scene(k, size=128)
         a = conversation(sc, np.random.default_rng(k))
@@ -427,7 +427,7 @@ def test_train_default_help_states_the_shipped_recipe():
     assert f"(default {VISION_LAYERS})" in text
     from vlmkit.default.qa import TRAIN_NEGATIVES
 
-    shipped_mix = ",".join(f"{k}={v:g}" for k, v in TRAIN_NEGATIVES.items())
+    shipped_mix = ", ".join(f"{k}={v:g}" for k, v in TRAIN_NEGATIVES.items())    # spaced: wraps between kinds
     assert f"(default {shipped_mix})" in text
     args = sub.choices["train-default"].parse_args(["--negatives", "random=0.5,partial=0.5"])
     assert args.negatives == {"random": 0.5, "partial": 0.5}

@@ -44,9 +44,9 @@ def _train(args) -> int:
 def add_parsers(subparsers) -> None:
     """Register ``train-default`` on an ``argparse`` sub-parsers object."""
     # literal numbers (importing train.py here would load torch for every vlmkit command); a test keeps them in sync
-    N_SCENES, STEPS, PRECISION, VARIETY, SHAPE_WEIGHT = 48000, (12000, 18000), "fp32", 0.5, 0.0
-    CURRICULUM, SPREAD, VISION_LAYERS = (0.3, 0.6), 0.0, 3
-    NEGATIVES = "random=0.4,popular=0.15,adversarial=0.25,binding=0.2"
+    N_SCENES, STEPS, PRECISION, VARIETY, SHAPE_WEIGHT = 48000, (15000, 18000), "fp32", 0.5, 0.0
+    CURRICULUM, SPREAD, VISION_LAYERS = (0.3, 0.6), 0.25, 3
+    NEGATIVES = "random=0.3,popular=0.1,adversarial=0.2,binding=0.2,partial=0.2"
     p = subparsers.add_parser("train-default", help="train the embedded default model from scratch",
                               description="Train the small LLaVA default model on generated scenes "
                                           f"({N_SCENES} scenes, two stages: {STEPS[0]} + {STEPS[1]} steps, or "
@@ -88,7 +88,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--negatives", type=_negative_mix, default=None, metavar="KIND=SHARE,...",
                    help="stage B: how existence questions pick their absent object, shares of random, popular, "
                         "adversarial, binding (colour and shape both in the scene) and partial (exactly one of them) "
-                        f"(default {NEGATIVES})")
+                        f"(default {NEGATIVES.replace(',', ', ')})")
     p.set_defaults(func=_train)
 
 
