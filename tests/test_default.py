@@ -534,3 +534,26 @@ def test_paired_eval_bench_agrees_with_itself_and_its_mcnemar_test_is_exact(tmp_
     bad = subprocess.run([sys.executable, str(root / "bench" / "paired_eval.py"), "--a", ckpt, "--b", str(tmp_path)],
                          capture_output=True, text=True, cwd=root, timeout=120)
     assert bad.returncode != 0 and "not a checkpoint directory" in bad.stderr
+
+
+def test_pope_margin_bench_sign_matches_the_greedy_answer():
+    """bench/pope_margin.py claims bias 0 reproduces metrics.json: the yes-no margin's sign is generate's answer."""
+    import importlib.util
+    from pathlib import Path
+
+    from vlmkit.default.evaluate import EVAL_SEED0, answer, is_yes, load
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("pope_margin", root / "bench" / "pope_margin.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, processor = load(CHECKPOINT_DIR)
+    scenes = [generate_scene(EVAL_SEED0 + i) for i in range(4)]
+    rows = bench.margins(model, processor, scenes, np.random.default_rng(2024))
+    rng = np.random.default_rng(2024)
+    for split in bench.SPLITS:
+        qs = [(sc, qa) for sc in scenes for qa in pope_questions(sc, split, rng)]
+        m, y = rows[split]
+        assert len(m) == len(qs) > 0 and list(y) == [q.answer == "yes" for _, q in qs]
+        said = [is_yes(a) for a in answer(model, processor, [s.image for s, _ in qs], [q.question for _, q in qs], 2)]
+        assert list(m > 0) == said
