@@ -18,23 +18,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SPLITS = ("random", "popular", "adversarial")
 BIASES = (-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 
 
 def margins(model, processor, scenes, rng, batch: int = 64) -> dict:
-    """{split: (margin [Q], label [Q])} for the POPE questions of ``scenes``, drawn in :func:`question_sets` order."""
+    """{split: (margin [Q], label [Q])} for the POPE questions of ``scenes`` (:func:`~vlmkit.default.evaluate.pope_sets`,
+    the draw ``metrics.json`` uses)."""
     import numpy as np
     import torch
 
     from vlmkit.default.build import prompt_text
-    from vlmkit.default.qa import pope_questions
+    from vlmkit.default.evaluate import pope_sets
 
     tok = processor.tokenizer
     yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
     out = {}
-    for split in SPLITS:
-        qs = [(sc, qa) for sc in scenes for qa in pope_questions(sc, split, rng)]
+    for split, qs in pope_sets(scenes, rng).items():
         m = []
         with torch.no_grad():
             for i in range(0, len(qs), batch):
@@ -52,10 +51,11 @@ def main(argv=None) -> int:
     import torch
 
     from vlmkit.data.scenes import generate_scene
-    from vlmkit.default.evaluate import EVAL_SEED0, VAL_SEED0, load
+    from vlmkit.default import CHECKPOINT_DIR
+    from vlmkit.default.evaluate import EVAL_SEED0, POPE_SPLITS, VAL_SEED0, load
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "vlmkit/default/checkpoints/scenes-llava"))
+    ap.add_argument("--model", default=str(CHECKPOINT_DIR), help="scenes checkpoint directory (default: the embedded model)")
     ap.add_argument("--val-scenes", type=int, default=400, help="validation scenes (default 400)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -67,11 +67,11 @@ def main(argv=None) -> int:
     for name, seed0, n in (("val", VAL_SEED0 + 10_000, args.val_scenes), ("test", EVAL_SEED0, 200)):
         scenes = [generate_scene(seed0 + i) for i in range(n)]
         rows[name] = margins(model, processor, scenes, np.random.default_rng(2024))
-    print("| rows | bias | " + " | ".join(f"{s} acc / yes" for s in SPLITS) + " |")
-    print("|---|---:|" + "---:|" * len(SPLITS))
+    print("| rows | bias | " + " | ".join(f"{s} acc / yes" for s in POPE_SPLITS) + " |")
+    print("|---|---:|" + "---:|" * len(POPE_SPLITS))
     for name, d in rows.items():
         for b in BIASES:
-            cells = [f"{((m + b > 0) == y).mean():.4f} / {(m + b > 0).mean():.3f}" for m, y in (d[s] for s in SPLITS)]
+            cells = [f"{((m + b > 0) == y).mean():.4f} / {(m + b > 0).mean():.3f}" for m, y in (d[s] for s in POPE_SPLITS)]
             print(f"| {name} (n {len(d['random'][0])}) | {b:+.2f} | " + " | ".join(cells) + " |")
     val = rows["val"]
     best = max(BIASES, key=lambda b: np.mean([((m + b > 0) == y).mean() for m, y in val.values()]))

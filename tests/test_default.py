@@ -541,7 +541,7 @@ def test_pope_margin_bench_sign_matches_the_greedy_answer():
     import importlib.util
     from pathlib import Path
 
-    from vlmkit.default.evaluate import EVAL_SEED0, answer, is_yes, load
+    from vlmkit.default.evaluate import EVAL_SEED0, POPE_SPLITS, answer, is_yes, load
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("pope_margin", root / "bench" / "pope_margin.py")
@@ -551,7 +551,8 @@ def test_pope_margin_bench_sign_matches_the_greedy_answer():
     scenes = [generate_scene(EVAL_SEED0 + i) for i in range(4)]
     rows = bench.margins(model, processor, scenes, np.random.default_rng(2024))
     rng = np.random.default_rng(2024)
-    for split in bench.SPLITS:
+    assert list(rows) == list(POPE_SPLITS)
+    for split in POPE_SPLITS:
         qs = [(sc, qa) for sc in scenes for qa in pope_questions(sc, split, rng)]
         m, y = rows[split]
         assert len(m) == len(qs) > 0 and list(y) == [q.answer == "yes" for _, q in qs]

@@ -144,6 +144,14 @@ def pointing(model, processor, scenes, rng) -> dict:
 SKILLS = (("color", 2), ("shape", 2), ("count", 2), ("location", 3), ("list", 40), ("describe", 48))
 
 
+POPE_SPLITS = ("random", "popular", "adversarial")
+
+
+def pope_sets(scenes, rng: np.random.Generator) -> dict:
+    """{split: [(scene, QA)]} for each of :data:`POPE_SPLITS`, three questions per scene, drawn in that order."""
+    return {split: [(sc, qa) for sc in scenes for qa in pope_questions(sc, split, rng)] for split in POPE_SPLITS}
+
+
 def question_sets(n_images: int = 200):
     """The scored questions of :func:`evaluate`, drawn in its order: (scenes, cluttered scenes, sets, rng), where
     ``sets`` maps ``pope_random`` / ``pope_popular`` / ``pope_adversarial``, each skill of :data:`SKILLS` and
@@ -152,8 +160,7 @@ def question_sets(n_images: int = 200):
     rng = np.random.default_rng(2024)
     scenes = [generate_scene(EVAL_SEED0 + i) for i in range(n_images)]
     clutter = [generate_scene(CLUTTER_SEED0 + i, style="cluttered") for i in range(max(8, n_images // 2))]
-    sets = {f"pope_{split}": [(sc, qa) for sc in scenes for qa in pope_questions(sc, split, rng)]
-            for split in ("random", "popular", "adversarial")}
+    sets = {f"pope_{split}": qs for split, qs in pope_sets(scenes, rng).items()}
     for skill, _ in SKILLS:   # one question per scene and skill (when well-posed)
         sets[skill] = [(sc, qa) for sc in scenes for qa in [make_qa(sc, rng, skill)] if qa is not None]
     for split in ("random", "adversarial"):
@@ -170,7 +177,7 @@ def evaluate(path_or_model, n_images: int = 200, *, processor=None, log=print) -
     t0 = time.time()
     scenes, clutter, sets, rng = question_sets(n_images)
     res: dict = {"eval_seeds": [EVAL_SEED0, EVAL_SEED0 + n_images - 1], "pope": {}}
-    for split in ("random", "popular", "adversarial"):
+    for split in POPE_SPLITS:
         qs = sets[f"pope_{split}"]
         preds = answer(model, processor, [s.image for s, _ in qs], [q.question for _, q in qs], 2)
         said_yes = [is_yes(p) for p in preds]
