@@ -200,12 +200,12 @@ def test_smoke_recipe_trains_saves_resumes_and_evaluates(tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    """A run stopped in stage A and again in stage B, then resumed, writes the same weights as one that never stopped
-    (checkpoints carry the data-draw state as well as the optimiser's), on as many threads as torch uses here (the
+    """A run stopped in stage A and again in stage B, then resumed, writes the same weights (and weight average) as
+    one that never stopped (checkpoints carry the data-draw state and the averages as well as the optimiser's), on as many threads as torch uses here (the
     row-attention backward must not depend on thread timing)."""
     import vlmkit.default.train as tr
 
-    kw = dict(smoke=True, n_scenes=24, eval_images=4, steps_a=6, steps_b=10, log=lambda *_: None)
+    kw = dict(smoke=True, n_scenes=24, eval_images=4, steps_a=6, steps_b=10, ema=(0.8,), log=lambda *_: None)
     tr.train(tmp_path / "whole", run_dir=tmp_path / "run_whole", **kw)
 
     save, stops = tr._save_ckpt, [("A", 3), ("B", 4)]
@@ -225,6 +225,31 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monke
     whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
     parts = load_file(str(tmp_path / "parts" / "model.safetensors"))
     assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+    whole = load_file(str(tmp_path / "run_whole" / "raw" / "model.safetensors"))    # the weights, not the average
+    parts = load_file(str(tmp_path / "run_parts" / "raw" / "model.safetensors"))
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+
+
+def test_ema_saves_the_average_as_the_model_and_the_raw_weights_beside_it(tmp_path):
+    """With ``ema`` the saved model holds the first average, which differs from the raw weights (run_dir/raw) and
+    a faster average lies nearer them; the tower, frozen in stage B, is the same in all (resuming the averages:
+    ``test_interrupted_and_resumed_run_equals_an_uninterrupted_one``)."""
+    import vlmkit.default.train as tr
+
+    kw = dict(smoke=True, n_scenes=24, eval_images=2, steps_a=3, steps_b=12, log=lambda *_: None)
+    tr.train(tmp_path / "m", run_dir=tmp_path / "run", ema=(0.9, 0.5), **kw)
+    avg = load_file(str(tmp_path / "m" / "model.safetensors"))
+    raw = load_file(str(tmp_path / "run" / "raw" / "model.safetensors"))
+    other = load_file(str(tmp_path / "run" / "ema-0.5" / "model.safetensors"))
+    assert avg.keys() == raw.keys() == other.keys()
+    tower = [k for k in avg if "vision_tower" in k]
+    assert tower and all(torch.equal(avg[k], raw[k]) and torch.equal(other[k], raw[k]) for k in tower)
+    k = "multi_modal_projector.linear_1.weight"
+    # the faster average (0.5) sits nearer the raw weights than the slower one (0.9)
+    assert 0 < (other[k] - raw[k]).norm() < (avg[k] - raw[k]).norm()
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["training"]["ema"] == [0.9, 0.5]
+    with pytest.raises(ValueError, match="ema="):
+        tr.train(tmp_path / "x", run_dir=tmp_path / "run_x", ema=(1.0,), **kw)
 
 
 def test_draw_batches_groups_by_length_without_changing_the_draw():
@@ -413,7 +438,7 @@ def test_train_default_help_states_the_shipped_recipe():
 
     from vlmkit.default.cli import add_parsers
     from vlmkit.default.build import VISION_LAYERS
-    from vlmkit.default.train import CURRICULUM, N_SCENES, PRECISION, SHAPE_WEIGHT, SPREAD, STEPS, VARIETY
+    from vlmkit.default.train import CURRICULUM, EMA, N_SCENES, PRECISION, SHAPE_WEIGHT, SPREAD, STEPS, VARIETY
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_parsers(sub)
@@ -425,6 +450,7 @@ def test_train_default_help_states_the_shipped_recipe():
     assert f"(fractions; default {CURRICULUM[0]} {CURRICULUM[1]})" in text
     assert f"(default {SPREAD}; 0 = its best-covered cell only" in text
     assert f"(default {VISION_LAYERS})" in text
+    assert f"(default {' '.join(map(str, EMA)) or 'none'})" in text
     from vlmkit.default.qa import TRAIN_NEGATIVES
 
     shipped_mix = ", ".join(f"{k}={v:g}" for k, v in TRAIN_NEGATIVES.items())    # spaced: wraps between kinds

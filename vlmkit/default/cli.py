@@ -36,7 +36,7 @@ def _train(args) -> int:
           steps_b=steps_b, answer_loss=args.answer_loss, group_by_length=args.group_by_length,
           precision=args.precision, variety=args.variety, shape_weight=args.shape_weight,
           curriculum=tuple(args.curriculum), spread=args.spread, vision_layers=args.vision_layers,
-          negatives=args.negatives)
+          negatives=args.negatives, ema=tuple(args.ema))
     print(f"saved model + metrics.json to {out}")
     return 0
 
@@ -45,7 +45,7 @@ def add_parsers(subparsers) -> None:
     """Register ``train-default`` on an ``argparse`` sub-parsers object."""
     # literal numbers (importing train.py here would load torch for every vlmkit command); a test keeps them in sync
     N_SCENES, STEPS, PRECISION, VARIETY, SHAPE_WEIGHT = 48000, (15000, 18000), "fp32", 0.5, 0.0
-    CURRICULUM, SPREAD, VISION_LAYERS = (0.3, 0.6), 0.25, 3
+    CURRICULUM, SPREAD, VISION_LAYERS, EMA = (0.3, 0.6), 0.25, 3, ()
     NEGATIVES = "random=0.3,popular=0.1,adversarial=0.2,binding=0.2,partial=0.2"
     p = subparsers.add_parser("train-default", help="train the embedded default model from scratch",
                               description="Train the small LLaVA default model on generated scenes "
@@ -89,6 +89,10 @@ def add_parsers(subparsers) -> None:
                    help="stage B: how existence questions pick their absent object, shares of random, popular, "
                         "adversarial, binding (colour and shape both in the scene) and partial (exactly one of them) "
                         f"(default {NEGATIVES.replace(',', ', ')})")
+    p.add_argument("--ema", type=float, nargs="+", default=list(EMA), metavar="DECAY",
+                   help="stage B: keep exponential moving averages of the weights with these decays; the model "
+                        "saved holds the first, RUN_DIR/raw the raw weights, RUN_DIR/ema-<decay> the others "
+                        f"(default {' '.join(map(str, EMA)) or 'none'})")
     p.set_defaults(func=_train)
 
 

@@ -68,6 +68,7 @@ STEPS = (15000, 18000)         # the shipped run's stage A / stage B optimiser s
 PRECISION = "fp32"             # "bf16": matmuls of both stages under bf16 autocast (master weights stay fp32)
 VARIETY = 0.5                  # share of training scenes drawn with generate_scene(..., variety=True)
 TRAIN_MAX_WIDTH = 512          # training scenes are 96..TRAIN_MAX_WIDTH px wide (the generator's own range)
+EMA: tuple[float, ...] = ()    # stage B: decays of weight averages kept beside the weights; the first is saved (--ema)
 
 
 @dataclass
@@ -302,6 +303,13 @@ def collate(seqs: list, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return ids, lab, wt, am
 
 
+def _ema_update(avg: list[torch.Tensor], params: list[torch.Tensor], decay: float, step: int) -> None:
+    """Move the running average ``avg`` of ``params`` towards them; the decay ramps up over the first steps
+    (``min(decay, (1 + step) / (10 + step))``) so that the average soon forgets the initial weights."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(avg, [q.detach() for q in params], 1.0 - d)
+
+
 def _lr(frac: float, base: float, warm: float = 0.05) -> float:
     if frac < warm:
         return base * frac / warm
@@ -344,7 +352,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
           steps_a: int | None = None, steps_b: int | None = None, answer_loss: str = "token",
           curriculum: tuple[float, float] = CURRICULUM, group_by_length: int = 1, precision: str = PRECISION,
           variety: float = VARIETY, shape_weight: float = SHAPE_WEIGHT, spread: float = SPREAD,
-          vision_layers: int = VISION_LAYERS, negatives: dict[str, float] | None = None, log=print) -> dict:
+          vision_layers: int = VISION_LAYERS, negatives: dict[str, float] | None = None,
+          ema: tuple[float, ...] = EMA, log=print) -> dict:
     """Train from scratch (or resume), save the model + processor into ``out_dir``, evaluate, write metrics.json.
 
     The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
@@ -359,6 +368,9 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     shape loss on object cells (:func:`stage_a_loss`). ``spread``: stage A's multi-cell labels for objects
     (:func:`build_pool`). ``vision_layers``: depth of the vision tower. ``negatives``: stage B's mix of absent-object
     kinds for existence questions (:func:`vlmkit.default.qa.parse_negative_mix`; None = ``TRAIN_NEGATIVES``).
+    ``ema``: decays of exponential moving averages of the stage-B weights; with any, the model saved (and evaluated)
+    holds the first average, the raw weights go to ``run_dir/raw`` and every other average to ``run_dir/ema-<decay>``
+    (each a full checkpoint, for comparison).
     """
     if group_by_length < 1:
         raise ValueError(f"group_by_length={group_by_length}: use 1 (no grouping) or more")
@@ -376,6 +388,9 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         raise ValueError(f"negatives: {e}") from None
     if vision_layers < 1:
         raise ValueError(f"vision_layers={vision_layers!r}: the tower needs at least one layer")
+    ema = tuple(float(d) for d in ema)
+    if not all(0.0 < d < 1.0 for d in ema) or len(set(ema)) != len(ema):
+        raise ValueError(f"ema={ema!r}: distinct decays strictly between 0 and 1")
     if answer_loss not in ("token", "answer"):
         raise ValueError(f"answer_loss={answer_loss!r}: use 'token' or 'answer'")
     from vlmkit.default.evaluate import evaluate
@@ -400,7 +415,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     recipe = {"n_scenes": n, "seed": seed, "answer_loss": answer_loss, "curriculum": [float(c) for c in curriculum],
               "group_by_length": group_by_length, "precision": precision, "variety": float(variety),
               "shape_weight": float(shape_weight), "spread": float(spread), "vision_layers": vision_layers,
-              "negatives": negatives}
+              "negatives": negatives, **({"ema": list(ema)} if ema else {})}
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         changed = {k: (ck["recipe"][k], v) for k, v in recipe.items() if k in ck.get("recipe", {})
@@ -475,6 +490,9 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                            for i in range(0, n, 256)])
     params = [p for nm, p in model.named_parameters() if "vision_tower" not in nm]
     opt = torch.optim.AdamW(params, lr=1.5e-3, weight_decay=0.01)
+    avgs = {d: [q.detach().clone() for q in params] for d in ema}     # stage-B weight averages, by decay
+    if resumed_in in ("B", "done") and "ema" in ck:
+        avgs = {d: [a.to(dev) for a in ck["ema"][f"{d:g}"]] for d in ema}
     fresh_from = state["step"]          # a new optimiser mid-stage (no saved state) warms up over 50 steps
     if resumed_in in ("B", "done") and "opt" in ck and state["step"] > 0:
         opt.load_state_dict(ck["opt"])
@@ -522,6 +540,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        for d, avg in avgs.items():
+            _ema_update(avg, params, d, state["step"])
         state["step"] += 1
         bar.n = state["step"] if steps_b else int(time.time() - t0)
         bar.set_postfix(ce=f"{ce.item():.3f}", attn=f"{al.item():.3f}", step=state["step"], refresh=False)
@@ -530,17 +550,25 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
             log(f"B step {state['step']} ce {ce.item():.4f} attn {al.item():.4f} t {time.time() - t0:.0f}s")
         if time.time() - last_ck > CKPT_EVERY_S and not queue:     # between draws: the rng state is all there is
             state["elapsed"] = time.time() - t0
-            checkpoint(opt=opt.state_dict(), rng=rng.bit_generator.state)
+            checkpoint(opt=opt.state_dict(), rng=rng.bit_generator.state, **_ema_ck(avgs))
             last_ck = time.time()
     bar.close()
     state["elapsed"], state["stage"] = time.time() - t0, "done"
-    checkpoint(opt=opt.state_dict(), rng=rng.bit_generator.state)
+    checkpoint(opt=opt.state_dict(), rng=rng.bit_generator.state, **_ema_ck(avgs))
     # ---------------------------------------------------------------- save + held-out evaluation
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model.set_attn_implementation("sdpa")
-    model.to("cpu").save_pretrained(out)
-    processor.save_pretrained(out)
+    model.to("cpu")
+    saves = [(out, None)]
+    if ema:     # the first average is the model; the raw weights and the other averages go beside the run
+        saves = [(run / "raw", None)] + [(run / f"ema-{d:g}", avgs[d]) for d in ema[1:]] + [(out, avgs[ema[0]])]
+    for where, avg in saves:
+        if avg is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(params, [a.to("cpu") for a in avg])
+        where.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(where)
+        processor.save_pretrained(where)
     train_info = {"minutes_budget": minutes, "smoke": smoke, "n_train_scenes": n,
                   "train_seeds": [TRAIN_SEED0, TRAIN_SEED0 + n - 1], "stage_a": state.get("stage_a"),
                   "stage_a_steps": state.get("steps_a"), "stage_b_steps": state["step"],
@@ -548,13 +576,19 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                   "attn_layers": list(ATTN_LAYERS), "curriculum": list(curriculum), "attn_weight": ATTN_WEIGHT,
                   "answer_loss": answer_loss, "group_by_length": group_by_length, "precision": precision,
                   "variety": variety, "object_weight": OBJECT_WEIGHT, "shape_weight": shape_weight,
-                  "spread": spread, "vision_layers": vision_layers, "negatives": negatives, "device": str(dev),
+                  "spread": spread, "vision_layers": vision_layers, "negatives": negatives, "ema": list(ema),
+                  "device": str(dev),
                   "wall_s_train": round(time.time() - t_start, 1)}
     metrics = evaluate(out, n_images=eval_images or (24 if smoke else 200), log=log)
     metrics["training"] = train_info
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     log(json.dumps({k: v for k, v in metrics.items() if k != "pointing"}, indent=1))
     return metrics
+
+
+def _ema_ck(avgs: dict[float, list[torch.Tensor]]) -> dict:
+    """The checkpoint entry of the stage-B weight averages (none without ``ema``)."""
+    return {"ema": {f"{d:g}": avg for d, avg in avgs.items()}} if avgs else {}
 
 
 @torch.no_grad()
