@@ -377,7 +377,7 @@ def test_stage_a_loss_weighs_object_cells_above_background_and_shapes_by_shape_w
         hs[0, :, colour_guess], hs[0, :, 9 + shape_guess] = 8.0, 8.0        # confident guesses in every cell
         lab = torch.full((1, N_IMAGE_TOKENS), -100)
         lab[0, 0] = label                                                 # one labelled cell
-        return float(stage_a_loss(heads, hs, lab, lab.clone(), torch.zeros(1, N_IMAGE_TOKENS), **weights))
+        return float(stage_a_loss(heads, hs, lab, lab.clone(), torch.zeros(1, N_IMAGE_TOKENS), **weights).detach())
 
     right = loss(3, 3, 3, shape_weight=2.0)
     wrong_colour = loss(4, 3, 3, shape_weight=2.0) - right                          # on an object cell (label 3)
