@@ -252,6 +252,25 @@ def test_ema_saves_the_average_as_the_model_and_the_raw_weights_beside_it(tmp_pa
         tr.train(tmp_path / "x", run_dir=tmp_path / "run_x", ema=(1.0,), **kw)
 
 
+def test_stage_b_on_the_tower_of_a_finished_run_replays_its_stage_b(tmp_path):
+    """``tower_from`` skips stage A and, with the same options, writes the same weights as the run whose tower it took
+    (using that run's scene pool); a tower trained with other stage-A options, or a missing run, is refused."""
+    import vlmkit.default.train as tr
+
+    kw = dict(smoke=True, n_scenes=24, eval_images=2, steps_a=4, steps_b=6, log=lambda *_: None)
+    tr.train(tmp_path / "whole", run_dir=tmp_path / "run_whole", **kw)
+    m = tr.train(tmp_path / "b_only", run_dir=tmp_path / "run_b", tower_from=tmp_path / "run_whole", **kw)
+    assert not list((tmp_path / "run_b").glob("pool_*"))                 # the tower's pool was used, not rebuilt
+    assert m["training"]["stage_a_steps"] == 4 and m["training"]["stage_b_steps"] == 6
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b_only = load_file(str(tmp_path / "b_only" / "model.safetensors"))
+    assert whole.keys() == b_only.keys() and all(torch.equal(whole[k], b_only[k]) for k in whole)
+    with pytest.raises(ValueError, match=r"other options \(spread: 0.25 there, 0.5 now"):
+        tr.train(tmp_path / "x", run_dir=tmp_path / "run_x", tower_from=tmp_path / "run_whole", spread=0.5, **kw)
+    with pytest.raises(FileNotFoundError, match="no ckpt.pt"):
+        tr.train(tmp_path / "x", run_dir=tmp_path / "run_x", tower_from=tmp_path / "nowhere", **kw)
+
+
 def test_draw_batches_groups_by_length_without_changing_the_draw():
     from vlmkit.default.train import BATCH_B, Tokens, build_pool, draw_batches
 

@@ -36,7 +36,7 @@ def _train(args) -> int:
           steps_b=steps_b, answer_loss=args.answer_loss, group_by_length=args.group_by_length,
           precision=args.precision, variety=args.variety, shape_weight=args.shape_weight,
           curriculum=tuple(args.curriculum), spread=args.spread, vision_layers=args.vision_layers,
-          negatives=args.negatives, ema=tuple(args.ema))
+          negatives=args.negatives, ema=tuple(args.ema), tower_from=args.tower_from)
     print(f"saved model + metrics.json to {out}")
     return 0
 
@@ -93,6 +93,9 @@ def add_parsers(subparsers) -> None:
                    help="stage B: keep exponential moving averages of the weights with these decays; the model "
                         "saved holds the first, RUN_DIR/raw the raw weights, RUN_DIR/ema-<decay> the others "
                         f"(default {' '.join(map(str, EMA)) or 'none'})")
+    p.add_argument("--tower-from", default=None, metavar="RUN_DIR",
+                   help="skip stage A: start stage B on the vision tower of that run (past stage A; same stage-A "
+                        "options), e.g. to try a stage-B change in a third of the time; its scene pool is reused")
     p.set_defaults(func=_train)
 
 

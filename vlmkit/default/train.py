@@ -353,7 +353,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
           curriculum: tuple[float, float] = CURRICULUM, group_by_length: int = 1, precision: str = PRECISION,
           variety: float = VARIETY, shape_weight: float = SHAPE_WEIGHT, spread: float = SPREAD,
           vision_layers: int = VISION_LAYERS, negatives: dict[str, float] | None = None,
-          ema: tuple[float, ...] = EMA, log=print) -> dict:
+          ema: tuple[float, ...] = EMA, tower_from=None, log=print) -> dict:
     """Train from scratch (or resume), save the model + processor into ``out_dir``, evaluate, write metrics.json.
 
     The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
@@ -370,7 +370,10 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     kinds for existence questions (:func:`vlmkit.default.qa.parse_negative_mix`; None = ``TRAIN_NEGATIVES``).
     ``ema``: decays of exponential moving averages of the stage-B weights; with any, the model saved (and evaluated)
     holds the first average, the raw weights go to ``run_dir/raw`` and every other average to ``run_dir/ema-<decay>``
-    (each a full checkpoint, for comparison).
+    (each a full checkpoint, for comparison). ``tower_from``: the ``run_dir`` of a run past stage A; this run skips
+    stage A and starts stage B on that run's tower and stage-A heads (stage B freezes the tower, so with the same
+    options it replays that run's stage B exactly; options that shape stage A must match). Its scene pool is used
+    when ``run_dir`` has none.
     """
     if group_by_length < 1:
         raise ValueError(f"group_by_length={group_by_length}: use 1 (no grouping) or more")
@@ -427,6 +430,9 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         model.load_state_dict(ck["model"]), heads.load_state_dict(ck["heads"])
         state = ck["state"]
         log(f"resumed from {ckpt_path}: stage {state['stage']} step {state['step']} ({state['elapsed']:.0f}s)")
+    elif tower_from is not None:
+        state = _tower_from(Path(tower_from), recipe, model, heads)
+        log(f"stage B on the tower of {tower_from} (stage A: {state['steps_a']} steps)")
     resumed_in = ck["state"]["stage"] if ck is not None else None        # "A", "B" or "done"
 
     def checkpoint(**extra):
@@ -436,6 +442,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     model.to(dev), heads.to(dev)
     pool_path = run / (f"pool_{n}{'_smoke' if smoke else ''}{f'_variety{variety:g}' if variety else ''}"
                        f"{f'_spread{spread:g}' if spread else ''}.pt")
+    if not pool_path.exists() and tower_from is not None and (Path(tower_from) / pool_path.name).exists():
+        pool_path = Path(tower_from) / pool_path.name                    # the tower's own scenes
     if pool_path.exists():
         pix, col, shp, cen, recs = _load_pool(pool_path)
     else:
@@ -584,6 +592,30 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     log(json.dumps({k: v for k, v in metrics.items() if k != "pointing"}, indent=1))
     return metrics
+
+
+STAGE_A_OPTIONS = ("n_scenes", "seed", "variety", "spread", "vision_layers", "shape_weight")
+
+
+def _tower_from(run: Path, recipe: dict, model, heads) -> dict:
+    """Load the vision tower and stage-A heads of the run in ``run`` (past stage A) into ``model`` / ``heads``; return
+    the progress state of a stage B at step 0. Refuses a run still in stage A or one whose stage-A options differ."""
+    src = run / "ckpt.pt"
+    if not src.is_file():
+        raise FileNotFoundError(f"tower_from={str(run)!r}: no ckpt.pt there (pass a train-default --run-dir)")
+    ck = torch.load(src, map_location="cpu", weights_only=True)
+    if ck["state"]["stage"] == "A":
+        raise ValueError(f"tower_from={str(run)!r}: that run is still in stage A (step {ck['state']['step']})")
+    changed = {k: (ck["recipe"][k], recipe[k]) for k in STAGE_A_OPTIONS if ck["recipe"].get(k, recipe[k]) != recipe[k]}
+    if changed:
+        raise ValueError(f"tower_from={str(run)!r}: its tower was trained with other options ("
+                         + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items()) + ")")
+    missing, _ = model.load_state_dict({k: v for k, v in ck["model"].items() if "vision_tower" in k}, strict=False)
+    if any("vision_tower" in k for k in missing):
+        raise ValueError(f"tower_from={str(run)!r}: its checkpoint lacks tower weights ({missing[0]}, ...)")
+    heads.load_state_dict(ck["heads"])
+    return {"stage": "B", "elapsed": 0.0, "step": 0, "steps_a": ck["state"].get("steps_a"),
+            "stage_a": ck["state"].get("stage_a")}
 
 
 def _ema_ck(avgs: dict[float, list[torch.Tensor]]) -> dict:
