@@ -421,12 +421,10 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
               "negatives": negatives, **({"ema": list(ema)} if ema else {})}
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        changed = {k: (ck["recipe"][k], v) for k, v in recipe.items() if k in ck.get("recipe", {})
-                   and ck["recipe"][k] != v}
+        changed = _changed_options(ck.get("recipe", {}), recipe, recipe)
         if changed:
-            raise ValueError(f"cannot resume {ckpt_path}: it was trained with other options ("
-                             + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
-                             + "); pass the same options or start a new --run-dir")
+            raise ValueError(f"cannot resume {ckpt_path}: it was trained with other options ({changed}); pass the "
+                             "same options or start a new --run-dir")
         model.load_state_dict(ck["model"]), heads.load_state_dict(ck["heads"])
         state = ck["state"]
         log(f"resumed from {ckpt_path}: stage {state['stage']} step {state['step']} ({state['elapsed']:.0f}s)")
@@ -594,6 +592,12 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     return metrics
 
 
+def _changed_options(saved: dict, recipe: dict, keys) -> str:
+    """``"k: <saved> there, <now> now, ..."`` for the ``keys`` whose value in the ``saved`` recipe differs from
+    ``recipe`` (keys the saved recipe lacks count as unchanged); empty when none differ."""
+    return ", ".join(f"{k}: {saved[k]!r} there, {recipe[k]!r} now" for k in keys if k in saved and saved[k] != recipe[k])
+
+
 STAGE_A_OPTIONS = ("n_scenes", "seed", "variety", "spread", "vision_layers", "shape_weight")
 
 
@@ -606,12 +610,12 @@ def _tower_from(run: Path, recipe: dict, model, heads) -> dict:
     ck = torch.load(src, map_location="cpu", weights_only=True)
     if ck["state"]["stage"] == "A":
         raise ValueError(f"tower_from={str(run)!r}: that run is still in stage A (step {ck['state']['step']})")
-    changed = {k: (ck["recipe"][k], recipe[k]) for k in STAGE_A_OPTIONS if ck["recipe"].get(k, recipe[k]) != recipe[k]}
+    changed = _changed_options(ck["recipe"], recipe, STAGE_A_OPTIONS)
     if changed:
-        raise ValueError(f"tower_from={str(run)!r}: its tower was trained with other options ("
-                         + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items()) + ")")
+        raise ValueError(f"tower_from={str(run)!r}: its tower was trained with other options ({changed})")
     missing, _ = model.load_state_dict({k: v for k, v in ck["model"].items() if "vision_tower" in k}, strict=False)
-    if any("vision_tower" in k for k in missing):
+    missing = [k for k in missing if "vision_tower" in k]
+    if missing:
         raise ValueError(f"tower_from={str(run)!r}: its checkpoint lacks tower weights ({missing[0]}, ...)")
     heads.load_state_dict(ck["heads"])
     return {"stage": "B", "elapsed": 0.0, "step": 0, "steps_a": ck["state"].get("steps_a"),
