@@ -201,8 +201,8 @@ def test_smoke_recipe_trains_saves_resumes_and_evaluates(tmp_path):
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     """A run stopped in stage A and again in stage B, then resumed, writes the same weights (and weight average) as
-    one that never stopped (checkpoints carry the data-draw state and the averages as well as the optimiser's), on as many threads as torch uses here (the
-    row-attention backward must not depend on thread timing)."""
+    one that never stopped (checkpoints carry the data-draw state and the averages as well as the optimiser's), on as
+    many threads as torch uses here (the row-attention backward must not depend on thread timing)."""
     import vlmkit.default.train as tr
 
     kw = dict(smoke=True, n_scenes=24, eval_images=4, steps_a=6, steps_b=10, ema=(0.8,), log=lambda *_: None)

@@ -95,7 +95,7 @@ def add_parsers(subparsers) -> None:
                         f"(default {' '.join(map(str, EMA)) or 'none'})")
     p.add_argument("--tower-from", default=None, metavar="RUN_DIR",
                    help="skip stage A: start stage B on the vision tower of that run (past stage A; same stage-A "
-                        "options), e.g. to try a stage-B change in a third of the time; its scene pool is reused")
+                        "options; its scene pool is reused), e.g. to try a stage-B change without re-running stage A")
     p.set_defaults(func=_train)
 
 

@@ -595,7 +595,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
 def _changed_options(saved: dict, recipe: dict, keys) -> str:
     """``"k: <saved> there, <now> now, ..."`` for the ``keys`` whose value in the ``saved`` recipe differs from
     ``recipe`` (keys the saved recipe lacks count as unchanged); empty when none differ."""
-    return ", ".join(f"{k}: {saved[k]!r} there, {recipe[k]!r} now" for k in keys if k in saved and saved[k] != recipe[k])
+    return ", ".join(f"{k}: {saved[k]!r} there, {recipe[k]!r} now" for k in keys
+                     if k in saved and saved[k] != recipe[k])
 
 
 STAGE_A_OPTIONS = ("n_scenes", "seed", "variety", "spread", "vision_layers", "shape_weight")
