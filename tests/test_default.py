@@ -118,6 +118,22 @@ def test_partial_negatives_share_exactly_one_attribute_and_the_mix_steers_traini
         assert [(q.question, q.answer) for q in a] == [(q.question, q.answer) for q in b]
 
 
+def test_skill_mix_steers_which_questions_a_conversation_asks():
+    from vlmkit.default.qa import SKILL_WEIGHTS, conversation, parse_skill_mix
+
+    sc = generate_scene(3, size=160)
+    mix = parse_skill_mix("count=0.5,location=0.5")
+    asked = [q.skill for k in range(60) for q in conversation(sc, np.random.default_rng(k), skill_mix=mix)]
+    assert set(asked) <= {"count", "location"} and {"count", "location"} <= set(asked)
+    # no mix = the shipped one: the same draws as naming it
+    for k in range(20):
+        a = conversation(sc, np.random.default_rng(k))
+        b = conversation(sc, np.random.default_rng(k), skill_mix=dict(SKILL_WEIGHTS))
+        assert [(q.question, q.answer) for q in a] == [(q.question, q.answer) for q in b]
+    with pytest.raises(ValueError, match="skill mix"):
+        parse_skill_mix("exist=0.5,jump=0.5")
+
+
 @pytest.mark.parametrize("text", ["random=0.5,foo=0.5", "random=0.5,random=0.5", "random", "random=-1,binding=2",
                                   "random=0.5,binding=0.4", "random=nan,binding=1"])
 def test_negative_mix_rejects_unknown_kinds_repeats_and_shares_not_summing_to_one(text):
@@ -325,8 +341,8 @@ def test_train_rejects_a_curriculum_that_is_not_hold_before_end(tmp_path, schedu
 
 
 @pytest.mark.parametrize("option", [{"spread": -0.1}, {"spread": 1.5}, {"vision_layers": 0},
-                                    {"negatives": {"random": 0.5}}])
-def test_train_rejects_a_bad_spread_tower_depth_or_negative_mix(tmp_path, option):
+                                    {"negatives": {"random": 0.5}}, {"skills": {"exist": 0.5, "count": 0.6}}])
+def test_train_rejects_a_bad_spread_tower_depth_or_negative_or_skill_mix(tmp_path, option):
     from vlmkit.default.train import train
 
     with pytest.raises(ValueError, match=next(iter(option))):
@@ -474,8 +490,15 @@ def test_train_default_help_states_the_shipped_recipe():
 
     shipped_mix = ", ".join(f"{k}={v:g}" for k, v in TRAIN_NEGATIVES.items())    # spaced: wraps between kinds
     assert f"(default {shipped_mix})" in text
+    from vlmkit.default.qa import SKILL_WEIGHTS
+
+    assert "(default " + ", ".join(f"{k}={v:g}" for k, v in SKILL_WEIGHTS.items()) + ")" in text
     args = sub.choices["train-default"].parse_args(["--negatives", "random=0.5,partial=0.5"])
     assert args.negatives == {"random": 0.5, "partial": 0.5}
+    args = sub.choices["train-default"].parse_args(["--skills", "exist=0.75,count=0.25"])
+    assert args.skills == {"exist": 0.75, "count": 0.25}
+    with pytest.raises(SystemExit):     # a bad mix is a usage error, not a traceback
+        sub.choices["train-default"].parse_args(["--skills", "exist=0.5,jump=0.5"])
     args = sub.choices["train-default"].parse_args(["--curriculum", "0.1", "0.35"])
     assert args.curriculum == [0.1, 0.35]
 

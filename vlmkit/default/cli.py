@@ -7,14 +7,16 @@ from pathlib import Path
 DEFAULT_OUT = Path(__file__).parent / "checkpoints" / "scenes-llava"
 
 
-def _negative_mix(text: str) -> dict[str, float]:
-    """``--negatives`` as a mix (:func:`vlmkit.default.qa.parse_negative_mix`); a bad one is a usage error."""
-    from vlmkit.default.qa import parse_negative_mix
+def _mix(parse_name: str):
+    """An argparse type: the text parsed by ``vlmkit.default.qa.<parse_name>``; a bad mix is a usage error."""
+    def parse(text: str) -> dict[str, float]:
+        from vlmkit.default import qa
 
-    try:
-        return parse_negative_mix(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        try:
+            return getattr(qa, parse_name)(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
 def _train(args) -> int:
@@ -36,7 +38,7 @@ def _train(args) -> int:
           steps_b=steps_b, answer_loss=args.answer_loss, group_by_length=args.group_by_length,
           precision=args.precision, variety=args.variety, shape_weight=args.shape_weight,
           curriculum=tuple(args.curriculum), spread=args.spread, vision_layers=args.vision_layers,
-          negatives=args.negatives, ema=tuple(args.ema), tower_from=args.tower_from)
+          negatives=args.negatives, ema=tuple(args.ema), tower_from=args.tower_from, skills=args.skills)
     print(f"saved model + metrics.json to {out}")
     return 0
 
@@ -47,6 +49,7 @@ def add_parsers(subparsers) -> None:
     N_SCENES, STEPS, PRECISION, VARIETY, SHAPE_WEIGHT = 48000, (15000, 18000), "fp32", 0.5, 0.0
     CURRICULUM, SPREAD, VISION_LAYERS, EMA = (0.3, 0.6), 0.25, 3, ()
     NEGATIVES = "random=0.3,popular=0.1,adversarial=0.2,binding=0.2,partial=0.2"
+    SKILLS = "exist=0.34,color=0.12,shape=0.08,count=0.15,list=0.1,describe=0.07,location=0.14"
     p = subparsers.add_parser("train-default", help="train the embedded default model from scratch",
                               description="Train the small LLaVA default model on generated scenes "
                                           f"({N_SCENES} scenes, two stages: {STEPS[0]} + {STEPS[1]} steps, or "
@@ -85,10 +88,13 @@ def add_parsers(subparsers) -> None:
                         f"{SPREAD}; 0 = its best-covered cell only; bench/stage_a_probe.py --spread)")
     p.add_argument("--vision-layers", type=int, default=VISION_LAYERS, metavar="N",
                    help=f"depth of the vision tower (default {VISION_LAYERS})")
-    p.add_argument("--negatives", type=_negative_mix, default=None, metavar="KIND=SHARE,...",
+    p.add_argument("--negatives", type=_mix("parse_negative_mix"), default=None, metavar="KIND=SHARE,...",
                    help="stage B: how existence questions pick their absent object, shares of random, popular, "
                         "adversarial, binding (colour and shape both in the scene) and partial (exactly one of them) "
                         f"(default {NEGATIVES.replace(',', ', ')})")
+    p.add_argument("--skills", type=_mix("parse_skill_mix"), default=None, metavar="SKILL=SHARE,...",
+                   help="stage B: share of the questions of each skill: exist, color, shape, count, list, describe, "
+                        f"location (default {SKILLS.replace(',', ', ')})")
     p.add_argument("--ema", type=float, nargs="+", default=list(EMA), metavar="DECAY",
                    help="stage B: keep exponential moving averages of the weights with these decays; the model "
                         "saved holds the first, RUN_DIR/raw the raw weights, RUN_DIR/ema-<decay> the others "

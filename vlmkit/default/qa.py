@@ -92,13 +92,14 @@ def describe_answer(scene) -> str:
 
 
 def make_qa(scene, rng: np.random.Generator, skill: str | None = None, *, first: bool = True,
-            negative_mix: dict[str, float] | None = None) -> QA | None:
-    """A random question of ``skill`` (None: drawn by :data:`SKILL_WEIGHTS`) about ``scene``; None if ill-posed.
-    ``negative_mix``: how absent objects of existence questions are picked, kind -> share (:func:`negatives`;
-    None = :data:`TRAIN_NEGATIVES`, the shipped recipe)."""
+            negative_mix: dict[str, float] | None = None, skill_mix: dict[str, float] | None = None) -> QA | None:
+    """A random question of ``skill`` (None: drawn by ``skill_mix``, skill -> share; None = :data:`SKILL_WEIGHTS`,
+    the shipped recipe) about ``scene``; None if ill-posed. ``negative_mix``: how absent objects of existence
+    questions are picked, kind -> share (:func:`negatives`; None = :data:`TRAIN_NEGATIVES`, the shipped recipe)."""
     mix = TRAIN_NEGATIVES if negative_mix is None else negative_mix
     if skill is None:
-        skill = str(rng.choice(list(SKILL_WEIGHTS), p=list(SKILL_WEIGHTS.values())))
+        skills = SKILL_WEIGHTS if skill_mix is None else skill_mix
+        skill = str(rng.choice(list(skills), p=list(skills.values())))
     objs = scene.objects
     names = [f"{o.color} {o.shape}" for o in objs]
     w, h = _size(scene)
@@ -167,13 +168,14 @@ def make_qa(scene, rng: np.random.Generator, skill: str | None = None, *, first:
     raise ValueError(f"unknown skill {skill!r}; expected one of {SKILLS}")
 
 
-def conversation(scene, rng: np.random.Generator, max_turns: int = 3,
-                 negative_mix: dict[str, float] | None = None) -> list[QA]:
-    """1..max_turns question/answer turns; any skill can be the first turn (``negative_mix``: see :func:`make_qa`)."""
+def conversation(scene, rng: np.random.Generator, max_turns: int = 3, negative_mix: dict[str, float] | None = None,
+                 skill_mix: dict[str, float] | None = None) -> list[QA]:
+    """1..max_turns question/answer turns; any skill can be the first turn (``negative_mix``, ``skill_mix``: see
+    :func:`make_qa`)."""
     n = int(rng.integers(1, max_turns + 1)) if rng.random() < 0.5 else 1
     turns: list[QA] = []
     for t in range(n * 3):
-        qa = make_qa(scene, rng, first=not turns, negative_mix=negative_mix)
+        qa = make_qa(scene, rng, first=not turns, negative_mix=negative_mix, skill_mix=skill_mix)
         if qa is not None:
             turns.append(qa)
         if len(turns) >= n:
@@ -198,21 +200,20 @@ def cooccurrence(n_scenes: int = 4000, seed: int = 12345) -> dict[str, dict[str,
     return co
 
 
-def check_negative_mix(mix: dict[str, float]) -> dict[str, float]:
-    """``mix`` (kind -> share) as a plain dict if its kinds are :data:`NEGATIVE_KINDS` and its shares are >= 0 and
-    sum to 1; else ``ValueError`` naming the offending entry."""
+def check_mix(mix: dict[str, float], kinds: tuple[str, ...], what: str = "negative mix") -> dict[str, float]:
+    """``mix`` (kind -> share) as a plain dict if its kinds are among ``kinds`` and its shares are >= 0 and sum to
+    1; else ``ValueError`` naming ``what`` and the offending entry."""
     for kind, share in mix.items():
-        if kind not in NEGATIVE_KINDS or not float(share) >= 0:
-            raise ValueError(f"negative mix {mix!r}: bad entry {kind}={share!r}; kinds are {NEGATIVE_KINDS}, "
-                             "shares >= 0")
+        if kind not in kinds or not float(share) >= 0:
+            raise ValueError(f"{what} {mix!r}: bad entry {kind}={share!r}; kinds are {kinds}, shares >= 0")
     if abs(sum(mix.values()) - 1.0) > 1e-9:            # numpy's choice() allows ~1.5e-8
-        raise ValueError(f"negative mix {mix!r}: the shares sum to {sum(mix.values()):g}, not 1")
+        raise ValueError(f"{what} {mix!r}: the shares sum to {sum(mix.values()):g}, not 1")
     return {k: float(v) for k, v in mix.items()}
 
 
-def parse_negative_mix(text: str) -> dict[str, float]:
-    """``"random=0.4,binding=0.6"`` -> ``{"random": 0.4, "binding": 0.6}``, checked by :func:`check_negative_mix`
-    (each kind once; ``ValueError`` naming the offending part otherwise)."""
+def parse_mix(text: str, kinds: tuple[str, ...], what: str = "negative mix") -> dict[str, float]:
+    """``"random=0.4,binding=0.6"`` -> ``{"random": 0.4, "binding": 0.6}``, checked by :func:`check_mix` (each kind
+    once; ``ValueError`` naming ``what`` and the offending part otherwise)."""
     mix: dict[str, float] = {}
     for part in text.split(","):
         kind, _, share = part.strip().partition("=")
@@ -221,9 +222,24 @@ def parse_negative_mix(text: str) -> dict[str, float]:
         except ValueError:
             value = None
         if value is None or kind in mix:
-            raise ValueError(f"negative mix {text!r}: bad part {part.strip()!r}; expected KIND=SHARE, each kind once")
+            raise ValueError(f"{what} {text!r}: bad part {part.strip()!r}; expected KIND=SHARE, each kind once")
         mix[kind] = value
-    return check_negative_mix(mix)
+    return check_mix(mix, kinds, what)
+
+
+def check_negative_mix(mix: dict[str, float]) -> dict[str, float]:
+    """A mix of absent-object kinds (:data:`NEGATIVE_KINDS`), checked by :func:`check_mix`."""
+    return check_mix(mix, NEGATIVE_KINDS, "negative mix")
+
+
+def parse_negative_mix(text: str) -> dict[str, float]:
+    """``--negatives`` text (``"random=0.4,binding=0.6"``) as a checked mix of :data:`NEGATIVE_KINDS`."""
+    return parse_mix(text, NEGATIVE_KINDS, "negative mix")
+
+
+def parse_skill_mix(text: str) -> dict[str, float]:
+    """``--skills`` text (``"exist=0.5,color=0.5"``) as a checked mix of :data:`SKILLS` (question shares)."""
+    return parse_mix(text, SKILLS, "skill mix")
 
 
 def negatives(scene, kind: str, k: int, rng: np.random.Generator) -> list[str]:

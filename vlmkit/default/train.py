@@ -47,7 +47,8 @@ from tqdm import tqdm
 from vlmkit.data.scenes import COLORS, SHAPES, generate_scene
 from vlmkit.default.build import (GRID, N_IMAGE_TOKENS, VISION_LAYERS, build_model_and_processor, pad_geometry,
                                   patch_coverage)
-from vlmkit.default.qa import TRAIN_NEGATIVES, check_negative_mix, conversation, shared_attributes
+from vlmkit.default.qa import (SKILL_WEIGHTS, SKILLS, TRAIN_NEGATIVES, check_mix, check_negative_mix, conversation,
+                               shared_attributes)
 from vlmkit.default.row_attention import image_rows
 from vlmkit.default.row_attention import register as register_row_attention
 
@@ -269,21 +270,22 @@ def encode_conversation(turns, tokens: Tokens, record: Record):
 
 
 def draw_batches(rng: np.random.Generator, recs: list, easy: np.ndarray, p: float, tok, group: int = 1,
-                 negative_mix: dict[str, float] | None = None) -> list:
+                 negative_mix: dict[str, float] | None = None, skill_mix: dict[str, float] | None = None) -> list:
     """``group`` stage-B batches of :data:`BATCH_B` encoded conversations as a list of (scene indices, sequences).
 
     Each scene is an easy one (``easy``: indices) with probability ``p``, else uniform. ``group`` = 1 is the
     shipped recipe (one batch, in draw order). ``group`` > 1 draws ``group`` batches at once, sorts them by
     length before cutting them into batches (less padding: ``bench/stage_b_step.py``) and returns the batches
-    in random order; consume them with ``pop()``. ``negative_mix``: how existence questions pick absent objects
-    (:func:`vlmkit.default.qa.make_qa`; None = the shipped mix).
+    in random order; consume them with ``pop()``. ``negative_mix``: how existence questions pick absent objects,
+    ``skill_mix``: the share of each skill's questions (:func:`vlmkit.default.qa.make_qa`; None = the shipped mixes).
     """
     m = BATCH_B * group
     idx = rng.integers(0, len(recs), m)
     if len(easy):
         pick = rng.random(m) < p
         idx[pick] = easy[rng.integers(0, len(easy), int(pick.sum()))]
-    seqs = [encode_conversation(conversation(recs[i], rng, negative_mix=negative_mix), tok, recs[i]) for i in idx]
+    seqs = [encode_conversation(conversation(recs[i], rng, negative_mix=negative_mix, skill_mix=skill_mix), tok, recs[i])
+            for i in idx]
     if group == 1:
         return [(idx, seqs)]
     order = np.argsort([len(sq[0]) for sq in seqs], kind="stable")
@@ -353,7 +355,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
           curriculum: tuple[float, float] = CURRICULUM, group_by_length: int = 1, precision: str = PRECISION,
           variety: float = VARIETY, shape_weight: float = SHAPE_WEIGHT, spread: float = SPREAD,
           vision_layers: int = VISION_LAYERS, negatives: dict[str, float] | None = None,
-          ema: tuple[float, ...] = EMA, tower_from=None, log=print) -> dict:
+          ema: tuple[float, ...] = EMA, tower_from=None, skills: dict[str, float] | None = None, log=print) -> dict:
     """Train from scratch (or resume), save the model + processor into ``out_dir``, evaluate, write metrics.json.
 
     The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
@@ -368,7 +370,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     shape loss on object cells (:func:`stage_a_loss`). ``spread``: stage A's multi-cell labels for objects
     (:func:`build_pool`). ``vision_layers``: depth of the vision tower. ``negatives``: stage B's mix of absent-object
     kinds for existence questions (:func:`vlmkit.default.qa.parse_negative_mix`; None = ``TRAIN_NEGATIVES``).
-    ``ema``: decays of exponential moving averages of the stage-B weights; with any, the model saved (and evaluated)
+    ``skills``: stage B's share of questions of each skill (:func:`vlmkit.default.qa.parse_skill_mix`; None =
+    ``SKILL_WEIGHTS``). ``ema``: decays of exponential moving averages of the stage-B weights; with any, the model saved (and evaluated)
     holds the first average, the raw weights go to ``run_dir/raw`` and every other average to ``run_dir/ema-<decay>``
     (each a full checkpoint, for comparison). ``tower_from``: the ``run_dir`` of a run past stage A; this run skips
     stage A and starts stage B on that run's tower and stage-A heads (stage B freezes the tower, so with the same
@@ -389,6 +392,10 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         negatives = check_negative_mix(TRAIN_NEGATIVES if negatives is None else negatives)
     except ValueError as e:
         raise ValueError(f"negatives: {e}") from None
+    try:
+        skills = check_mix(SKILL_WEIGHTS if skills is None else skills, SKILLS, "skill mix")
+    except ValueError as e:
+        raise ValueError(f"skills: {e}") from None
     if vision_layers < 1:
         raise ValueError(f"vision_layers={vision_layers!r}: the tower needs at least one layer")
     ema = tuple(float(d) for d in ema)
@@ -418,7 +425,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     recipe = {"n_scenes": n, "seed": seed, "answer_loss": answer_loss, "curriculum": [float(c) for c in curriculum],
               "group_by_length": group_by_length, "precision": precision, "variety": float(variety),
               "shape_weight": float(shape_weight), "spread": float(spread), "vision_layers": vision_layers,
-              "negatives": negatives, **({"ema": list(ema)} if ema else {})}
+              "negatives": negatives, "skills": skills, **({"ema": list(ema)} if ema else {})}
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         changed = _changed_options(ck.get("recipe", {}), recipe, recipe)
@@ -517,7 +524,7 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         for grp in opt.param_groups:
             grp["lr"] = _lr(frac, 1.5e-3) * min(1.0, (state["step"] - fresh_from + 1) / 50)
         if not queue:
-            queue = draw_batches(rng, recs, easy, p_easy(frac, curriculum), tok, group_by_length, negatives)
+            queue = draw_batches(rng, recs, easy, p_easy(frac, curriculum), tok, group_by_length, negatives, skills)
         idx, seqs = queue.pop()
         ids, lab, wt, am = collate(seqs, pad)
         bi, ri, tg = [], [], []
@@ -582,7 +589,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                   "attn_layers": list(ATTN_LAYERS), "curriculum": list(curriculum), "attn_weight": ATTN_WEIGHT,
                   "answer_loss": answer_loss, "group_by_length": group_by_length, "precision": precision,
                   "variety": variety, "object_weight": OBJECT_WEIGHT, "shape_weight": shape_weight,
-                  "spread": spread, "vision_layers": vision_layers, "negatives": negatives, "ema": list(ema),
+                  "spread": spread, "vision_layers": vision_layers, "negatives": negatives, "skills": skills,
+                  "ema": list(ema),
                   "device": str(dev),
                   "wall_s_train": round(time.time() - t_start, 1)}
     metrics = evaluate(out, n_images=eval_images or (24 if smoke else 200), log=log)
