@@ -284,8 +284,8 @@ def draw_batches(rng: np.random.Generator, recs: list, easy: np.ndarray, p: floa
     if len(easy):
         pick = rng.random(m) < p
         idx[pick] = easy[rng.integers(0, len(easy), int(pick.sum()))]
-    seqs = [encode_conversation(conversation(recs[i], rng, negative_mix=negative_mix, skill_mix=skill_mix), tok, recs[i])
-            for i in idx]
+    seqs = [encode_conversation(conversation(recs[i], rng, negative_mix=negative_mix, skill_mix=skill_mix), tok,
+                                recs[i]) for i in idx]
     if group == 1:
         return [(idx, seqs)]
     order = np.argsort([len(sq[0]) for sq in seqs], kind="stable")
@@ -361,19 +361,20 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     The budget is wall-clock ``minutes`` (25% stage A, 75% stage B) unless ``steps_a`` / ``steps_b`` fix the number
     of optimiser steps of a stage (then its learning-rate schedule runs over steps, and time does not matter).
     Resuming a finished run with a larger budget continues stage B; a resume with other recipe options (scenes,
-    seed, losses, curriculum, grouping, precision, variety) is refused with an error naming them. ``answer_loss``: "token" (every answer token
-    counts once: the shipped recipe) or "answer" (every answer counts once, so a yes/no answer weighs as much as a
-    description). ``curriculum``: (hold, end) of the easy-scene schedule, see :func:`p_easy`. ``group_by_length``:
-    stage-B batches drawn together and grouped by length (:func:`draw_batches`; 1 = the shipped recipe).
+    seed, losses, curriculum, grouping, precision, variety, mixes) is refused with an error naming them.
+    ``answer_loss``: "token" (every answer token counts once: the shipped recipe) or "answer" (every answer counts
+    once, so a yes/no answer weighs as much as a description). ``curriculum``: (hold, end) of the easy-scene
+    schedule, see :func:`p_easy`. ``group_by_length``: stage-B batches drawn together and grouped by length
+    (:func:`draw_batches`; 1 = the shipped recipe).
     ``precision``: "bf16" runs both stages' matmuls under bf16 autocast (``bench/stage_b_step.py``). ``variety``: the
     share of training scenes drawn with the generator's extra drawing variety. ``shape_weight``: stage A's extra
     shape loss on object cells (:func:`stage_a_loss`). ``spread``: stage A's multi-cell labels for objects
     (:func:`build_pool`). ``vision_layers``: depth of the vision tower. ``negatives``: stage B's mix of absent-object
     kinds for existence questions (:func:`vlmkit.default.qa.parse_negative_mix`; None = ``TRAIN_NEGATIVES``).
     ``skills``: stage B's share of questions of each skill (:func:`vlmkit.default.qa.parse_skill_mix`; None =
-    ``SKILL_WEIGHTS``). ``ema``: decays of exponential moving averages of the stage-B weights; with any, the model saved (and evaluated)
-    holds the first average, the raw weights go to ``run_dir/raw`` and every other average to ``run_dir/ema-<decay>``
-    (each a full checkpoint, for comparison). ``tower_from``: the ``run_dir`` of a run past stage A; this run skips
+    ``SKILL_WEIGHTS``). ``ema``: decays of exponential moving averages of the stage-B weights; with any, the model
+    saved (and evaluated) holds the first average, the raw weights go to ``run_dir/raw`` and every other average to
+    ``run_dir/ema-<decay>`` (each a full checkpoint, for comparison). ``tower_from``: the ``run_dir`` of a run past stage A; this run skips
     stage A and starts stage B on that run's tower and stage-A heads (stage B freezes the tower, so with the same
     options it replays that run's stage B exactly; options that shape stage A must match). Its scene pool is used
     when ``run_dir`` has none.
