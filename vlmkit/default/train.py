@@ -374,10 +374,10 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
     ``skills``: stage B's share of questions of each skill (:func:`vlmkit.default.qa.parse_skill_mix`; None =
     ``SKILL_WEIGHTS``). ``ema``: decays of exponential moving averages of the stage-B weights; with any, the model
     saved (and evaluated) holds the first average, the raw weights go to ``run_dir/raw`` and every other average to
-    ``run_dir/ema-<decay>`` (each a full checkpoint, for comparison). ``tower_from``: the ``run_dir`` of a run past stage A; this run skips
-    stage A and starts stage B on that run's tower and stage-A heads (stage B freezes the tower, so with the same
-    options it replays that run's stage B exactly; options that shape stage A must match). Its scene pool is used
-    when ``run_dir`` has none.
+    ``run_dir/ema-<decay>`` (each a full checkpoint, for comparison). ``tower_from``: the ``run_dir`` of a run past
+    stage A; this run skips stage A and starts stage B on that run's tower and stage-A heads (stage B freezes the
+    tower, so with the same options it replays that run's stage B exactly; options that shape stage A must match).
+    Its scene pool is used when ``run_dir`` has none.
     """
     if group_by_length < 1:
         raise ValueError(f"group_by_length={group_by_length}: use 1 (no grouping) or more")
