@@ -200,7 +200,7 @@ def cooccurrence(n_scenes: int = 4000, seed: int = 12345) -> dict[str, dict[str,
     return co
 
 
-def check_mix(mix: dict[str, float], kinds: tuple[str, ...], what: str = "negative mix") -> dict[str, float]:
+def check_mix(mix: dict[str, float], kinds: tuple[str, ...], what: str = "mix") -> dict[str, float]:
     """``mix`` (kind -> share) as a plain dict if its kinds are among ``kinds`` and its shares are >= 0 and sum to
     1; else ``ValueError`` naming ``what`` and the offending entry."""
     for kind, share in mix.items():
@@ -211,7 +211,7 @@ def check_mix(mix: dict[str, float], kinds: tuple[str, ...], what: str = "negati
     return {k: float(v) for k, v in mix.items()}
 
 
-def parse_mix(text: str, kinds: tuple[str, ...], what: str = "negative mix") -> dict[str, float]:
+def parse_mix(text: str, kinds: tuple[str, ...], what: str = "mix") -> dict[str, float]:
     """``"random=0.4,binding=0.6"`` -> ``{"random": 0.4, "binding": 0.6}``, checked by :func:`check_mix` (each kind
     once; ``ValueError`` naming ``what`` and the offending part otherwise)."""
     mix: dict[str, float] = {}
