@@ -227,11 +227,6 @@ def parse_mix(text: str, kinds: tuple[str, ...], what: str = "mix") -> dict[str,
     return check_mix(mix, kinds, what)
 
 
-def check_negative_mix(mix: dict[str, float]) -> dict[str, float]:
-    """A mix of absent-object kinds (:data:`NEGATIVE_KINDS`), checked by :func:`check_mix`."""
-    return check_mix(mix, NEGATIVE_KINDS, "negative mix")
-
-
 def parse_negative_mix(text: str) -> dict[str, float]:
     """``--negatives`` text (``"random=0.4,binding=0.6"``) as a checked mix of :data:`NEGATIVE_KINDS`."""
     return parse_mix(text, NEGATIVE_KINDS, "negative mix")

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from vlmkit.data.scenes import COLORS, SHAPES, generate_scene
 from vlmkit.default.build import (GRID, N_IMAGE_TOKENS, VISION_LAYERS, build_model_and_processor, pad_geometry,
                                   patch_coverage)
-from vlmkit.default.qa import (SKILL_WEIGHTS, SKILLS, TRAIN_NEGATIVES, check_mix, check_negative_mix, conversation,
+from vlmkit.default.qa import (NEGATIVE_KINDS, SKILL_WEIGHTS, SKILLS, TRAIN_NEGATIVES, check_mix, conversation,
                                shared_attributes)
 from vlmkit.default.row_attention import image_rows
 from vlmkit.default.row_attention import register as register_row_attention
@@ -389,14 +389,9 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
         raise ValueError(f"curriculum={tuple(curriculum)!r}: (hold, end) with 0 <= hold < end <= 1")
     if not 0.0 <= spread <= 1.0:
         raise ValueError(f"spread={spread!r}: a share of an object's area, within 0..1 (0 = off)")
-    try:
-        negatives = check_negative_mix(TRAIN_NEGATIVES if negatives is None else negatives)
-    except ValueError as e:
-        raise ValueError(f"negatives: {e}") from None
-    try:
-        skills = check_mix(SKILL_WEIGHTS if skills is None else skills, SKILLS, "skill mix")
-    except ValueError as e:
-        raise ValueError(f"skills: {e}") from None
+    negatives = check_mix(TRAIN_NEGATIVES if negatives is None else negatives, NEGATIVE_KINDS,
+                          "negatives: negative mix")
+    skills = check_mix(SKILL_WEIGHTS if skills is None else skills, SKILLS, "skills: skill mix")
     if vision_layers < 1:
         raise ValueError(f"vision_layers={vision_layers!r}: the tower needs at least one layer")
     ema = tuple(float(d) for d in ema)
