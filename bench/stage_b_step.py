@@ -7,10 +7,12 @@ Draws ``--rounds`` x ``--group`` batches of conversations on a small scene pool 
 answer rows, backward and AdamW step of a freshly built default-architecture model, once per variant:
 
 - ``eager maps``: eager attention returning every layer's ``[B, H, L, L]`` probabilities (the recipe up to f129b2e);
-- ``row attention``: SDPA in every layer, only the answer rows' probabilities recomputed (``row_attention.py``,
-  the current recipe);
+- ``row attention``: SDPA in every layer, only the answer rows' probabilities recomputed (``row_attention.py``;
+  the recipe from f129b2e until packing);
 - ``row attention, bf16``: the same under CPU bf16 autocast;
-- ``row attention, grouped``: batches grouped by length (``--group-by-length``; draw order otherwise).
+- ``row attention, grouped``: batches grouped by length (``--group-by-length``; draw order otherwise);
+- ``row attention, packed``: the same batches as ``row attention``, only their real tokens through the language
+  model's projections and MLPs (``lm_forward(pack=True)``, the current recipe: the same numbers).
 
 Variants run interleaved, ``--repeats`` times, and the median ms per step of each is printed with its ratio to the
 first. Random features stand in for the cached tower features: the cost does not depend on their values.
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
                 maps = [attns[i][bi, :, ri, cols] for i in T.ATTN_LAYERS]      # [Q, H, 64] each
             else:
                 with image_rows(lm, T.ATTN_LAYERS, bi, ri, cols) as probs:
-                    logits, _ = T.lm_forward(model, feats, ids, am, False)
+                    logits, _ = T.lm_forward(model, feats, ids, am, False, pack="packed" in mode)
                 maps = [probs[i] for i in T.ATTN_LAYERS]
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100)
             loss = loss - sum(torch.log(m.float().mean(1)[:, :8].sum(-1) + 1e-6).mean() for m in maps)
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     rounds = [[T.encode_conversation(conversation(recs[i], rng), tok, recs[i])
                for i in rng.integers(0, len(recs), B * args.group)] for _ in range(args.rounds)]
-    modes = ["eager maps", "row attention", "row attention, bf16", "row attention, grouped"]
+    modes = ["eager maps", "row attention", "row attention, bf16", "row attention, grouped", "row attention, packed"]
     impl = {"eager maps": "eager"}
     times: dict[str, list[float]] = {m: [] for m in modes}
     for rep in range(args.repeats + 1):                     # the first repeat is a warm-up

@@ -531,6 +531,48 @@ def test_row_attention_equals_eager_attention_on_the_image_columns():
     assert not probs                                                    # nothing recorded outside the block
 
 
+def test_packed_tokens_give_the_padded_forward_and_its_gradients():
+    """Stage B runs the language model on the real tokens only (``lm_forward(pack=True)``): the logits of real tokens
+    and the recorded answer-row probabilities must equal the padded forward's, and the gradients too (up to the
+    order of the weight-gradient sums); padding rows of the packed logits are 0."""
+    import torch
+
+    from vlmkit.default.row_attention import image_rows, register
+    from vlmkit.default.train import IMG_START, lm_forward
+
+    torch.manual_seed(0)
+    model, _ = build_model_and_processor(0)
+    model.set_attn_implementation({"text_config": register()})
+    lm = model.model.language_model
+    feats = torch.randn(3, 1 + N_IMAGE_TOKENS, 128)                    # [B, 65, 128] tower features
+    ids = torch.randint(5, 100, (3, IMG_START + N_IMAGE_TOKENS + 12))
+    am = torch.ones_like(ids)
+    am[1, -5:], am[2, -11:] = 0, 0                                     # right padding of different lengths
+    bi, ri, cols = torch.tensor([0, 1, 2, 2]), torch.tensor([70, 66, 65, 66]), slice(IMG_START, IMG_START + 64)
+    params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    runs = {}
+    for pack in (False, True):
+        model.zero_grad(set_to_none=True)
+        with image_rows(lm, (1, 2), bi, ri, cols) as probs:
+            logits, _ = lm_forward(model, feats, ids, am, False, pack=pack)
+        loss = (logits * am[..., None]).square().mean() + sum(-probs[i][..., :5].sum(-1).log().mean() for i in (1, 2))
+        loss.backward()
+        runs[pack] = (logits.detach(), {i: p.detach() for i, p in probs.items()}, [p.grad for p in params])
+    (lp, pp, gp), (lk, pk, gk) = runs[False], runs[True]
+    real = am.bool()
+    torch.testing.assert_close(lk[real], lp[real], atol=1e-6, rtol=1e-5)
+    assert bool((lk[~real] == 0).all())
+    for layer in (1, 2):
+        torch.testing.assert_close(pk[layer], pp[layer], atol=1e-6, rtol=1e-5)
+    assert all(g is not None for g in gk)
+    for a, b in zip(gp, gk):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    assert not hasattr(lm.layers[0].self_attn, "_vlmkit_pack")         # restored after the forward
+    with pytest.raises(RuntimeError):                                   # restored when the forward fails, too
+        lm_forward(model, feats, ids, am[:, :-1], False, pack=True)
+    assert not any(hasattr(layer.self_attn, "_vlmkit_pack") for layer in lm.layers)
+
+
 def test_row_attention_gradients_do_not_depend_on_thread_timing():
     """Many answer rows from few samples: the backward gathers into the same keys many times, and must sum them in a
     fixed order on a multi-threaded CPU (advanced indexing did not: 2-thread training runs differed in the last bits)."""

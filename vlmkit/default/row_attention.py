@@ -5,6 +5,10 @@ rows predicting answers pay to the 64 image tokens. Those probabilities are reco
 all keys (same mask as SDPA): ``[Q, H, L]`` scores instead of eager attention's ``[B, H, L, L]`` probabilities (and
 their backward) in every layer. The layer outputs come from SDPA as usual.
 
+:func:`packed_tokens` runs the language model on the real tokens of a right-padded batch only (``[1, T, D]``
+hidden states, no padding rows through the projections and MLPs); each layer's attention scatters its queries, keys
+and values back to the padded ``[B, H, L, D]`` layout, runs there exactly as above and gathers the ``T`` output rows.
+
 Usage (the language model must run with :data:`NAME` as its attention implementation, :func:`register`)::
 
     with image_rows(lm, layers=(1, 2), batch=bi, rows=ri, cols=slice(2, 66)) as probs:
@@ -28,6 +32,10 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
 
     from vlmkit.attention.backend import allowed_mask
 
+    pack = getattr(module, "_vlmkit_pack", None)
+    if pack is not None:                      # [1, H, T, D] packed tokens -> [B, H, L, D] padded layout
+        index, (nb, nl) = pack
+        query, key, value = (_unpack(t, index, nb, nl) for t in (query, key, value))
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                     **kwargs)
     req = getattr(module, "_vlmkit_rows", None)
@@ -47,7 +55,17 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
         ok = ok[bi if ok.shape[0] > 1 else torch.zeros_like(bi), 0, ri]       # [Q, L]
         probs = scores.masked_fill(~ok[:, None], float("-inf")).softmax(-1)  # [Q, H, L]
         store[module.layer_idx] = probs[:, :, cols]
+    if pack is not None:                      # [B, L, H, D] -> the packed tokens' rows [1, T, H, D]
+        out = out.reshape(nb * nl, *out.shape[2:]).index_select(0, index).unsqueeze(0)
     return out, None
+
+
+def _unpack(t: torch.Tensor, index: torch.Tensor, b: int, length: int) -> torch.Tensor:
+    """``[1, H, T, D]`` packed rows -> ``[B, H, L, D]`` with row ``index[i]`` (flat ``b * L + l``) = packed row ``i``
+    and zeros at padding (index_copy: its backward is index_select, deterministic)."""
+    rows = t[0].transpose(0, 1)                                               # [T, H, D]
+    full = rows.new_zeros(b * length, *rows.shape[1:]).index_copy(0, index, rows)
+    return full.view(b, length, *rows.shape[1:]).transpose(1, 2)
 
 
 def register() -> str:
@@ -58,6 +76,24 @@ def register() -> str:
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
+
+
+@contextmanager
+def packed_tokens(language_model, index: torch.Tensor, shape: tuple[int, int]):
+    """Inside the block the language model takes packed inputs: ``inputs_embeds [1, T, D]`` holding the tokens at
+    flat positions ``index [T]`` (``b * L + l``) of a right-padded batch of ``shape`` (B, L), ``position_ids [1, T]``
+    (each token's position in its own sequence) and the padded batch's 4-D ``attention_mask [B, 1, L, L]``; its
+    output rows are those tokens'. Every layer's attention runs in the padded layout (so :func:`image_rows` rows and
+    the mask keep their padded coordinates). The modules are restored on exit, also on error."""
+    mods = [layer.self_attn for layer in language_model.layers]
+    try:
+        for m in mods:
+            m._vlmkit_pack = (index, tuple(shape))
+        yield
+    finally:
+        for m in mods:
+            if hasattr(m, "_vlmkit_pack"):
+                del m._vlmkit_pack
 
 
 @contextmanager

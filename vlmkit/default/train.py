@@ -17,7 +17,8 @@ should fall on the patches of the objects the question is about (``-log`` of the
 :func:`attention_targets`). A list answer gets the same loss at the row before each name, onto the objects of that
 name (:func:`list_targets`). ``answer_loss`` chooses how answer tokens are averaged. Questions without such objects
 (absent objects with no near miss, describe) get no attention loss. The language model runs SDPA; the probabilities
-the loss needs are recomputed exactly for those rows only (:mod:`vlmkit.default.row_attention`).
+the loss needs are recomputed exactly for those rows only, and only the batch's real tokens (not its padding) go
+through the projections and MLPs (:mod:`vlmkit.default.row_attention`, ``lm_forward(pack=True)``).
 
 Curriculum: most generated objects are small once a scene is resized to 96 px (median ~0.6 of a token cell), and on
 such scenes the language model does not discover which image tokens a question is about. So stage B starts on "easy"
@@ -49,7 +50,7 @@ from vlmkit.default.build import (GRID, N_IMAGE_TOKENS, VISION_LAYERS, build_mod
                                   patch_coverage)
 from vlmkit.default.qa import (NEGATIVE_KINDS, SKILL_WEIGHTS, SKILLS, TRAIN_NEGATIVES, check_mix, conversation,
                                shared_attributes)
-from vlmkit.default.row_attention import image_rows
+from vlmkit.default.row_attention import image_rows, packed_tokens
 from vlmkit.default.row_attention import register as register_row_attention
 
 TRAIN_SEED0 = 1_000_000
@@ -318,13 +319,31 @@ def _lr(frac: float, base: float, warm: float = 0.05) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - warm) / (1 - warm)))))
 
 
-def lm_forward(model, feats: torch.Tensor, ids: torch.Tensor, am: torch.Tensor, attn: bool):
-    """Language-model pass on cached tower features [B, 65, 128] (CLS first), as the LLaVA forward does it."""
+def lm_forward(model, feats: torch.Tensor, ids: torch.Tensor, am: torch.Tensor, attn: bool, pack: bool = False):
+    """Language-model pass on cached tower features [B, 65, 128] (CLS first), as the LLaVA forward does it; ids and
+    the attention mask ``am`` are [B, L] (right-padded). Returns logits [B, L, vocab] and (with ``attn``) the
+    attention maps. ``pack`` (needs the :mod:`~vlmkit.default.row_attention` implementation; the stage-B recipe):
+    only the real tokens go through the projections and MLPs (:func:`~vlmkit.default.row_attention.packed_tokens`),
+    the same numbers without the padding's work; padding rows of the logits are 0."""
     proj = model.model.multi_modal_projector(feats[:, 1:])
     emb = model.get_input_embeddings()(ids)
-    emb = torch.cat([emb[:, :IMG_START], proj.to(emb.dtype), emb[:, IMG_START + N_IMAGE_TOKENS:]], 1)
-    out = model.model.language_model(inputs_embeds=emb, attention_mask=am, output_attentions=attn)
-    return model.lm_head(out.last_hidden_state), out.attentions
+    emb = torch.cat([emb[:, :IMG_START], proj.to(emb.dtype), emb[:, IMG_START + N_IMAGE_TOKENS:]], 1)   # [B, L, D]
+    lm = model.model.language_model
+    if not pack:
+        out = lm(inputs_embeds=emb, attention_mask=am, output_attentions=attn)
+        return model.lm_head(out.last_hidden_state), out.attentions
+    b, length = ids.shape
+    real = am.flatten().bool()
+    index = real.nonzero().squeeze(1)                                                   # [T] flat b * L + l
+    pos = (am.cumsum(1) - 1).flatten().index_select(0, index)[None]                     # [1, T]
+    causal = torch.ones(length, length, dtype=torch.bool, device=am.device).tril()
+    mask = causal[None, None] & am.bool()[:, None, None, :]                             # [B, 1, L, L]
+    with packed_tokens(lm, index, (b, length)):
+        out = lm(inputs_embeds=emb.flatten(0, 1).index_select(0, index)[None], attention_mask=mask,
+                 position_ids=pos)                                                      # [1, T, D]
+    logits = model.lm_head(out.last_hidden_state[0])                                    # [T, vocab]
+    full = logits.new_zeros(b * length, logits.shape[-1]).index_copy(0, index, logits)
+    return full.view(b, length, -1), None
 
 
 def _bar(desc: str, steps: int | None, budget_s: float, state: dict):
@@ -529,7 +548,8 @@ def train(out_dir, *, minutes: float = 68.0, smoke: bool = False, resume: bool =
                 bi.append(b), ri.append(r), tg.append(t)
         with image_rows(lm, ATTN_LAYERS, torch.as_tensor(bi, dtype=torch.long, device=dev),
                         torch.as_tensor(ri, dtype=torch.long, device=dev), image_cols) as probs, amp:
-            logits, _ = lm_forward(model, feats[torch.as_tensor(idx)].to(dev), ids.to(dev), am.to(dev), False)
+            logits, _ = lm_forward(model, feats[torch.as_tensor(idx)].to(dev), ids.to(dev), am.to(dev), False,
+                                   pack=True)
         logits = logits.float()                                                             # [B, L, vocab]
         tok_ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten().to(dev), ignore_index=-100,
                                  reduction="none")                                            # [B * (L-1)]
