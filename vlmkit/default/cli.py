@@ -46,8 +46,8 @@ def _train(args) -> int:
 def add_parsers(subparsers) -> None:
     """Register ``train-default`` on an ``argparse`` sub-parsers object."""
     # literal numbers (importing train.py here would load torch for every vlmkit command); a test keeps them in sync
-    N_SCENES, STEPS, PRECISION, VARIETY, SHAPE_WEIGHT = 48000, (15000, 18000), "fp32", 0.5, 0.0
-    CURRICULUM, SPREAD, VISION_LAYERS, EMA = (0.3, 0.6), 0.25, 3, ()
+    N_SCENES, STEPS, PRECISION, VARIETY, SHAPE_WEIGHT = 48000, (21000, 18000), "fp32", 0.5, 0.0
+    CURRICULUM, SPREAD, VISION_LAYERS, EMA = (0.3, 0.6), 0.25, 3, (0.9995,)
     NEGATIVES = "random=0.3,popular=0.1,adversarial=0.2,binding=0.2,partial=0.2"
     SKILLS = "exist=0.34,color=0.12,shape=0.08,count=0.15,list=0.1,describe=0.07,location=0.14"
     p = subparsers.add_parser("train-default", help="train the embedded default model from scratch",

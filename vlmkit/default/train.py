@@ -66,11 +66,11 @@ MIN_LABEL_COVER = 0.03        # stage A: an object covering this much of its bes
 OBJECT_WEIGHT = 1.0           # stage A: extra weight of the loss on object cells (stage_a_loss)
 SHAPE_WEIGHT = 0.0            # stage A: extra weight of the shape loss on object cells (stage_a_loss; --shape-weight)
 SPREAD = 0.25                 # stage A: an object also labels cells holding this share of its area (build_pool; --spread)
-STEPS = (15000, 18000)         # the shipped run's stage A / stage B optimiser steps (CLI default)
+STEPS = (21000, 18000)         # the shipped run's stage A / stage B optimiser steps (CLI default)
 PRECISION = "fp32"             # "bf16": matmuls of both stages under bf16 autocast (master weights stay fp32)
 VARIETY = 0.5                  # share of training scenes drawn with generate_scene(..., variety=True)
 TRAIN_MAX_WIDTH = 512          # training scenes are 96..TRAIN_MAX_WIDTH px wide (the generator's own range)
-EMA: tuple[float, ...] = ()    # stage B: decays of weight averages kept beside the weights; the first is saved (--ema)
+EMA: tuple[float, ...] = (0.9995,)    # stage B: decays of weight averages kept beside the weights; the first is saved (--ema)
 
 
 @dataclass
