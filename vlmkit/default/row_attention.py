@@ -85,15 +85,8 @@ def packed_tokens(language_model, index: torch.Tensor, shape: tuple[int, int]):
     (each token's position in its own sequence) and the padded batch's 4-D ``attention_mask [B, 1, L, L]``; its
     output rows are those tokens'. Every layer's attention runs in the padded layout (so :func:`image_rows` rows and
     the mask keep their padded coordinates). The modules are restored on exit, also on error."""
-    mods = [layer.self_attn for layer in language_model.layers]
-    try:
-        for m in mods:
-            m._vlmkit_pack = (index, tuple(shape))
+    with _attached([layer.self_attn for layer in language_model.layers], "_vlmkit_pack", (index, tuple(shape))):
         yield
-    finally:
-        for m in mods:
-            if hasattr(m, "_vlmkit_pack"):
-                del m._vlmkit_pack
 
 
 @contextmanager
@@ -102,12 +95,18 @@ def image_rows(language_model, layers, batch, rows, cols: slice):
     ``(batch[q], rows[q])`` (index tensors ``[Q]``) during the forwards inside the block. Yields a dict
     ``{layer: [Q, H, C]}`` filled by them; the modules are restored on exit, also on error."""
     store: dict[int, torch.Tensor] = {}
-    mods = [language_model.layers[i].self_attn for i in layers]
-    try:
-        for m in mods:
-            m._vlmkit_rows = (batch, rows, cols, store)
+    with _attached([language_model.layers[i].self_attn for i in layers], "_vlmkit_rows", (batch, rows, cols, store)):
         yield store
+
+
+@contextmanager
+def _attached(modules, name: str, value):
+    """Set attribute ``name`` = ``value`` on every module for the block; removed on exit, also on error."""
+    try:
+        for m in modules:
+            setattr(m, name, value)
+        yield
     finally:
-        for m in mods:
-            if hasattr(m, "_vlmkit_rows"):
-                del m._vlmkit_rows
+        for m in modules:
+            if hasattr(m, name):
+                delattr(m, name)

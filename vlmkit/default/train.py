@@ -70,7 +70,7 @@ STEPS = (21000, 18000)         # the shipped run's stage A / stage B optimiser s
 PRECISION = "fp32"             # "bf16": matmuls of both stages under bf16 autocast (master weights stay fp32)
 VARIETY = 0.5                  # share of training scenes drawn with generate_scene(..., variety=True)
 TRAIN_MAX_WIDTH = 512          # training scenes are 96..TRAIN_MAX_WIDTH px wide (the generator's own range)
-EMA: tuple[float, ...] = (0.9995,)    # stage B: decays of weight averages kept beside the weights; the first is saved (--ema)
+EMA: tuple[float, ...] = (0.9995,)  # stage B: decays of weight averages kept beside the weights; the first is saved
 
 
 @dataclass
@@ -329,6 +329,8 @@ def lm_forward(model, feats: torch.Tensor, ids: torch.Tensor, am: torch.Tensor, 
     emb = model.get_input_embeddings()(ids)
     emb = torch.cat([emb[:, :IMG_START], proj.to(emb.dtype), emb[:, IMG_START + N_IMAGE_TOKENS:]], 1)   # [B, L, D]
     lm = model.model.language_model
+    if pack and attn:
+        raise ValueError("lm_forward: pack=True returns no attention maps (attn=True needs the padded pass)")
     if not pack:
         out = lm(inputs_embeds=emb, attention_mask=am, output_attentions=attn)
         return model.lm_head(out.last_hidden_state), out.attentions
